@@ -1,0 +1,341 @@
+"""The three data-source readers behind :func:`distill2deploy.data.load_source`.
+
+Each reader turns its source into in-memory uint8 NHWC arrays and validates them on the way in:
+a wrong dtype, an NCHW array or a mislabelled file caught here is a one-line :class:`UserError`
+instead of a shape error deep inside a training loop (or, worse, a model trained on garbage).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+import zipfile
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.error import URLError
+
+import numpy as np
+
+from ._io import atomic_path, obj_sha256
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .data import Split
+
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+NPZ_TRAIN_KEYS = ("x_train", "y_train")
+NPZ_TEST_KEYS = ("x_test", "y_test")
+NPZ_NAMES_KEY = "fine_label_names"
+_FOLDER_CACHE_VERSION = 1
+_PROGRESS_MIN_IMAGES = 2000  # below this a progress bar is just noise
+
+
+def _split(images: np.ndarray, labels: np.ndarray) -> Split:
+    from .data import Split  # data.py imports this module; the dataclass lives there
+
+    return Split(images=images, labels=labels)
+
+
+# ----------------------------------------------------------------------------------- cifar100
+def load_cifar100(root: Path, *, download: bool, need_train: bool) -> tuple[Split | None, Split, list[str]]:
+    """torchvision's CIFAR-100, with its download failures turned into instructions.
+
+    ``need_train`` is accepted for symmetry only: the official files always hold both splits.
+    """
+    from torchvision.datasets import CIFAR100
+    from torchvision.datasets.utils import check_integrity, extract_archive
+
+    root = _cifar_root(root, CIFAR100.base_folder)
+    tgz = root / CIFAR100.filename
+    folder = root / CIFAR100.base_folder
+    files_ok = all(check_integrity(str(folder / name), md5)
+                   for name, md5 in CIFAR100.train_list + CIFAR100.test_list)
+    if not files_ok and not download and tgz.is_file():
+        # torchvision only extracts a local archive as part of download(); do it here so a user
+        # who copied the official tar.gz over by hand need not also allow downloads.
+        if not check_integrity(str(tgz), CIFAR100.tgz_md5):
+            raise UserError(f"{tgz} is not the official CIFAR-100 archive (md5 mismatch: truncated or corrupted)",
+                            where="data.source 'cifar100'",
+                            fix=f"copy it again from {CIFAR100_URL}, or delete it and allow data.download")
+        extract_archive(str(tgz), str(root))
+    try:
+        test = CIFAR100(str(root), train=False, download=download)
+        train = CIFAR100(str(root), train=True, download=False)
+    except (URLError, OSError, RuntimeError) as e:
+        raise _cifar_unavailable(root, download, e) from None
+    names = list(test.classes)
+    return (_split(np.ascontiguousarray(train.data), np.asarray(train.targets, dtype=np.int64)),
+            _split(np.ascontiguousarray(test.data), np.asarray(test.targets, dtype=np.int64)), names)
+
+
+def _cifar_root(root: Path, base_folder: str) -> Path:
+    """Accept the directory *holding* ``cifar-100-python`` and also the folder or archive itself."""
+    if root.name == base_folder or root.name.endswith(".tar.gz"):
+        return root.parent
+    return root
+
+
+def _cifar_unavailable(root: Path, download: bool, err: Exception) -> UserError:
+    fix = (f"on a machine with internet, download {CIFAR100_URL} and put the tar.gz (or its extracted "
+           f"'cifar-100-python' folder) under {root} (choose that directory with data.root or $D2D_DATA); "
+           "or use local files with data.source 'npz:PATH' (x_train, y_train, x_test, y_test arrays) "
+           "or 'folder:PATH' (ImageFolder with train/ and test/)")
+    if download:
+        what = f"CIFAR-100 is not under {root} and could not be downloaded ({type(err).__name__}: {err})"
+    elif (root / "cifar-100-python").is_dir():
+        what = (f"CIFAR-100 files under {root / 'cifar-100-python'} are incomplete or corrupted "
+                "(expected train, test and meta with the official checksums) and data.download is false")
+    else:
+        what = f"CIFAR-100 is not under {root} and data.download is false"
+    return UserError(what, where="data.source 'cifar100'", fix=fix)
+
+
+# ---------------------------------------------------------------------------------------- npz
+def load_npz(path: Path, *, need_train: bool) -> tuple[Split | None, Split, list[str]]:
+    """Arrays ``x_train, y_train, x_test, y_test`` (+ optional ``fine_label_names``) from one file."""
+    where = str(path)
+    if not path.exists():
+        raise UserError("file not found", where=where,
+                        fix="check the path after 'npz:' (relative paths are resolved from the current directory)")
+    if path.is_dir():
+        raise UserError("is a directory, not an .npz file", where=where,
+                        fix=f"for a tree of image files use 'folder:{path}'")
+    # np.load leaks its file handle when the zip cannot be parsed, so the file is opened here.
+    with open(path, "rb") as fh:
+        try:
+            f = np.load(fh, allow_pickle=False)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise UserError(f"not a readable .npz archive ({type(e).__name__}: {e})", where=where,
+                            fix="write it with numpy.savez / savez_compressed(path, x_train=..., y_train=..., "
+                                "x_test=..., y_test=...)") from None
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise UserError("is a single .npy array, not an .npz archive of named arrays", where=where,
+                            fix="write it with numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
+        with f:
+            arrays, names_arr, has_train = _read_npz(f, where, need_train)
+
+    splits: dict[str, Split] = {}
+    for split in ("train", "test") if has_train else ("test",):
+        x = _check_images(arrays[f"x_{split}"], f"x_{split}", where)
+        y = _check_labels(arrays[f"y_{split}"], len(x), f"y_{split}", f"x_{split}", where)
+        splits[split] = _split(x, y)
+
+    top = max(int(s.labels.max()) for s in splits.values())
+    if names_arr is not None:
+        names = _check_names(names_arr, where)
+        if top >= len(names):
+            bad = {k: int((s.labels >= len(names)).sum()) for k, s in splits.items()}
+            detail = ", ".join(f"{n} in y_{k}" for k, n in bad.items() if n)
+            raise UserError(f"labels go up to {top} but {NPZ_NAMES_KEY} has only {len(names)} names "
+                            f"({detail} out of range 0..{len(names) - 1}): the file is mislabelled",
+                            where=where, fix=f"fix the labels, or store all class names in {NPZ_NAMES_KEY}")
+    else:
+        # Without names the class count is a guess from the labels; a class absent from every
+        # split would be missed, which is why files should carry fine_label_names.
+        names = [f"class_{i}" for i in range(top + 1)]
+    return splits.get("train"), splits["test"], names
+
+
+def _read_npz(f: np.lib.npyio.NpzFile, where: str, need_train: bool
+              ) -> tuple[dict[str, np.ndarray], np.ndarray | None, bool]:
+    """Check which arrays are present (a missing one is an error that lists the others) and read them."""
+    present = list(f.files)
+    missing = [k for k in NPZ_TEST_KEYS if k not in present]
+    if missing:
+        raise UserError(f"missing array(s) {', '.join(missing)}; the file has: {', '.join(present) or 'nothing'}",
+                        where=where, fix="name the arrays x_train, y_train, x_test, y_test (uint8 NHWC images, "
+                                         "integer labels) and optionally fine_label_names")
+    has_train = [k in present for k in NPZ_TRAIN_KEYS]
+    if any(has_train) and not all(has_train):
+        have, lack = (("x_train", "y_train") if has_train[0] else ("y_train", "x_train"))
+        raise UserError(f"has {have} but not {lack}; the file has: {', '.join(present)}", where=where,
+                        fix="store both training arrays or neither")
+    if not any(has_train) and need_train:
+        raise UserError(f"has no training split (x_train, y_train); the file has: {', '.join(present)}",
+                        where=where, fix="add x_train and y_train; files with only the test split work for "
+                                         "stages that only evaluate (e.g. validate)")
+    keys = [*(NPZ_TRAIN_KEYS if all(has_train) else ()), *NPZ_TEST_KEYS]
+    arrays = {k: _read_member(f, k, where) for k in keys}
+    names_arr = _read_member(f, NPZ_NAMES_KEY, where) if NPZ_NAMES_KEY in present else None
+    return arrays, names_arr, all(has_train)
+
+
+def _read_member(f: np.lib.npyio.NpzFile, key: str, where: str) -> np.ndarray:
+    try:
+        return f[key]
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise UserError(f"array {key} is an object array (needs pickle, which is not loaded for safety)",
+                            where=where, fix=f"store {key} with a plain dtype, e.g. np.asarray(..., dtype=str) "
+                                             "for names or np.uint8 for images") from None
+        raise UserError(f"array {key} cannot be read ({e})", where=where, fix="re-create the file") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        raise UserError(f"array {key} is corrupted ({type(e).__name__}: {e})", where=where,
+                        fix="re-create or re-copy the file") from None
+
+
+def _check_images(x: np.ndarray, key: str, where: str) -> np.ndarray:
+    if x.ndim == 4 and x.shape[-1] != 3 and x.shape[1] == 3:
+        raise UserError(f"{key} has shape {x.shape}, which looks like NCHW (channels first); images must be NHWC",
+                        where=where, fix=f"store {key}.transpose(0, 2, 3, 1)")
+    if x.ndim != 4 or x.shape[-1] != 3:
+        hint = {2: f"if rows are official CIFAR 3072-byte records use "
+                   f"{key}.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)",
+                3: f"for grey images (N, H, W) use np.repeat({key}[..., None], 3, axis=-1)"}.get(x.ndim, "")
+        if x.ndim == 4 and x.shape[-1] == 1:
+            hint = f"for grey images use np.repeat({key}, 3, axis=-1)"
+        elif x.ndim == 4 and x.shape[-1] == 4:
+            hint = f"drop the alpha channel: {key}[..., :3]"
+        raise UserError(f"{key} has shape {x.shape}; expected (N, H, W, 3) uint8 RGB images", where=where,
+                        fix=hint or f"store {key} as an (N, H, W, 3) array")
+    if x.dtype != np.uint8:
+        fix = f"store {key}.astype(np.uint8)"
+        if x.dtype.kind == "f":
+            fix = (f"if the values are in [0, 1] store np.round({key} * 255).astype(np.uint8); "
+                   f"if in 0..255, {key}.astype(np.uint8)")
+        raise UserError(f"{key} has dtype {x.dtype}; images must be uint8 (0..255)", where=where, fix=fix)
+    if len(x) == 0:
+        raise UserError(f"{key} holds no images", where=where, fix="store at least one image per split")
+    return np.ascontiguousarray(x)
+
+
+def _check_labels(y: np.ndarray, n: int, key: str, xkey: str, where: str) -> np.ndarray:
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        fix = f"one-hot labels: store {key}.argmax(1)" if y.ndim == 2 else f"store {key} as a 1-D array"
+        raise UserError(f"{key} has shape {y.shape}; expected (N,) class indices", where=where, fix=fix)
+    if y.dtype.kind not in "iu":
+        integral = y.dtype.kind == "f" and bool(np.all(np.isfinite(y))) and bool(np.all(y == np.round(y)))
+        raise UserError(f"{key} has dtype {y.dtype}; labels must be integer class indices", where=where,
+                        fix=f"store {key}.astype(np.int64)" if integral else f"store integer class indices in {key}")
+    if len(y) != n:
+        raise UserError(f"{xkey} has {n} images but {key} has {len(y)} labels", where=where,
+                        fix="store exactly one label per image")
+    if y.min() < 0:
+        i = int(np.argmin(y))
+        raise UserError(f"{key} has negative labels (e.g. {key}[{i}] = {int(y[i])})", where=where,
+                        fix="labels are class indices 0..num_classes-1")
+    return y.astype(np.int64)
+
+
+def _check_names(names: np.ndarray, where: str) -> list[str]:
+    if names.ndim != 1 or names.dtype.kind not in "US":
+        raise UserError(f"{NPZ_NAMES_KEY} must be a 1-D array of strings, got dtype {names.dtype} shape {names.shape}",
+                        where=where, fix=f"store {NPZ_NAMES_KEY}=np.asarray(names, dtype=str)")
+    out = [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]
+    dupes = sorted(n for n, c in Counter(out).items() if c > 1)
+    if dupes:
+        raise UserError(f"{NPZ_NAMES_KEY} repeats {', '.join(map(repr, dupes[:5]))}", where=where,
+                        fix="class names must be unique")
+    return out
+
+
+# ------------------------------------------------------------------------------------- folder
+def load_folder(path: Path, *, need_train: bool, cache_dir: Path | None) -> tuple[Split | None, Split, list[str]]:
+    """An ImageFolder tree (``train/`` and ``test/`` or ``val/``), decoded once into memory."""
+    where = str(path)
+    if not path.exists():
+        raise UserError("folder not found", where=where,
+                        fix="check the path after 'folder:' (relative paths are resolved from the current directory)")
+    if not path.is_dir():
+        fix = f"for an .npz file use 'npz:{path}'" if path.suffix == ".npz" else "point 'folder:' at a directory"
+        if path.name.endswith((".tar.gz", ".tgz", ".tar", ".zip")):
+            fix = "extract the archive and point 'folder:' at the extracted directory"
+        raise UserError("is not a directory", where=where, fix=fix)
+    layout = f"lay it out as {path}/train/<class>/<image> and {path}/test/<class>/<image> (or val/ instead of test/)"
+    test_dir = next((path / d for d in ("test", "val") if (path / d).is_dir()), None)
+    train_dir = path / "train" if (path / "train").is_dir() else None
+    if test_dir is None:
+        subdirs = sorted(p.name for p in path.iterdir() if p.is_dir())
+        raise UserError(f"has no test/ or val/ subfolder (subfolders: {', '.join(subdirs) or 'none'})",
+                        where=where, fix=layout)
+    if train_dir is None and need_train:
+        raise UserError("has no train/ subfolder, and this stage trains", where=where, fix=layout)
+
+    test_classes = _find_classes(test_dir, layout)
+    if train_dir is not None:
+        train_classes = _find_classes(train_dir, layout)
+        if train_classes != test_classes:
+            only_train = sorted(set(train_classes) - set(test_classes))
+            only_test = sorted(set(test_classes) - set(train_classes))
+            raise UserError(f"class folders of train/ and {test_dir.name}/ differ (only in train/: "
+                            f"{', '.join(only_train) or '-'}; only in {test_dir.name}/: {', '.join(only_test) or '-'})",
+                            where=where, fix="both splits need the same class folders (that fixes the label order)")
+    class_to_idx = {c: i for i, c in enumerate(test_classes)}
+    test = _load_image_split(test_dir, class_to_idx, layout, cache_dir)
+    train = _load_image_split(train_dir, class_to_idx, layout, cache_dir) if train_dir is not None else None
+    return train, test, test_classes
+
+
+def _find_classes(split_dir: Path, layout: str) -> list[str]:
+    from torchvision.datasets.folder import find_classes
+
+    try:
+        classes, _ = find_classes(str(split_dir))
+    except FileNotFoundError:
+        raise UserError("has no class subfolders", where=str(split_dir), fix=layout) from None
+    return classes
+
+
+def _load_image_split(split_dir: Path, class_to_idx: dict[str, int], layout: str,
+                      cache_dir: Path | None) -> Split:
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    try:
+        samples = make_dataset(str(split_dir), class_to_idx, extensions=IMG_EXTENSIONS)
+    except FileNotFoundError as e:  # a class folder without a single image file
+        raise UserError(str(e).split("\n")[0], where=str(split_dir),
+                        fix=f"every class folder needs at least one image ({', '.join(IMG_EXTENSIONS)})") from None
+    listing = []
+    for file, label in samples:
+        st = os.stat(file)
+        listing.append((os.path.relpath(file, split_dir), label, st.st_size, st.st_mtime_ns))
+    key = obj_sha256({"v": _FOLDER_CACHE_VERSION, "dir": str(split_dir.resolve()),
+                      "classes": sorted(class_to_idx, key=class_to_idx.get), "files": listing})
+    cache = cache_dir / f"{split_dir.parent.name}-{split_dir.name}-{key[:20]}.npz" if cache_dir else None
+    if cache is not None and cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as f:
+                return _split(f["images"], f["labels"])
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error):
+            pass  # a damaged cache is rebuilt below
+    split = _decode_all(split_dir, samples)
+    if cache is not None:
+        try:
+            with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
+                np.savez(fh, images=split.images, labels=split.labels)
+        except OSError as e:
+            warnings.warn(f"could not write the decoded-image cache {cache}: {e}", stacklevel=2)
+    return split
+
+
+def _decode_all(split_dir: Path, samples: list[tuple[str, int]]) -> Split:
+    """Decode with torchvision's ImageFolder loader (PIL, converted to RGB) into one NHWC array.
+
+    ``torchvision.io.decode_image`` is deprecated as of torchvision 0.29 and is only marginally
+    faster on 32x32 JPEGs, so the ImageFolder default loader is used.
+    """
+    from torchvision.datasets.folder import pil_loader
+    from tqdm.auto import tqdm
+
+    images: list[np.ndarray] = []
+    it = tqdm(samples, desc=f"decoding {split_dir}", unit="img", leave=False,
+              disable=True if len(samples) < _PROGRESS_MIN_IMAGES else None)
+    for file, _ in it:
+        try:
+            images.append(np.asarray(pil_loader(file)))
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise UserError(f"cannot be decoded as an image ({type(e).__name__}: {e})", where=file,
+                            fix="replace or remove the file") from None
+    shapes = Counter(im.shape for im in images)
+    if len(shapes) > 1:
+        common = shapes.most_common(1)[0][0]
+        odd = [f"{f} {im.shape[1]}x{im.shape[0]}" for (f, _), im in zip(samples, images) if im.shape != common][:3]
+        raise UserError(f"images have {len(shapes)} different sizes (most are {common[1]}x{common[0]}; e.g. "
+                        f"{'; '.join(odd)})", where=str(split_dir),
+                        fix="resize all images of the dataset to one size beforehand (data.input_size then "
+                            "resizes them for the model)")
+    return _split(np.stack(images), np.asarray([label for _, label in samples], dtype=np.int64))
+

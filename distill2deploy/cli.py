@@ -1,0 +1,247 @@
+"""Command line: ``python -m distill2deploy`` / ``distill2deploy``. Thin: parse, then call the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+STAGE_CMDS = ("teacher", "distill", "export", "quantize", "validate", "report")
+
+EXAMPLES = {
+    None: """examples:
+  distill2deploy pipeline quickstart.yaml
+  distill2deploy pipeline mobilenet.yaml -o data.source=npz:cifar100_sample.npz -o distill.epochs=30
+  distill2deploy pipeline mobilenet.yaml --force quantize
+  distill2deploy export --model resnet56_cifar --checkpoint resnet56.pth --out resnet56.onnx
+  distill2deploy quantize resnet56.onnx --data cifar100 --out resnet56.int8.onnx
+  distill2deploy validate resnet56.onnx resnet56.int8.onnx --data cifar100 --json results.json""",
+    "pipeline": """examples:
+  distill2deploy pipeline quickstart.yaml            # ./quickstart.yaml or the bundled pipelines/quickstart.yaml
+  distill2deploy pipeline mobilenet.yaml -o distill.method=ce -o seed=1 --out exports/mbv2_ce_seed1
+  accelerate launch -m distill2deploy pipeline mobilenet.yaml   # many GPUs""",
+    "teacher": "example:\n  distill2deploy teacher mobilenet.yaml -o teacher.checkpoint=resnet56.pth",
+    "distill": "example:\n  distill2deploy distill mobilenet.yaml -o distill.epochs=10",
+    "export": """examples:
+  distill2deploy export mobilenet.yaml                   # the pipeline's export stage
+  distill2deploy export --model resnet56_cifar --checkpoint resnet56.pth --num-classes 100 --out resnet56.onnx
+  distill2deploy export --model resnet56_cifar --checkpoint resnet56.pth --data npz:sample.npz --out r56.onnx""",
+    "quantize": """examples:
+  distill2deploy quantize mobilenet.yaml                 # the pipeline's quantize stage
+  distill2deploy quantize resnet56.onnx --data npz:sample.npz --out resnet56.int8.onnx --calib-samples 480""",
+    "validate": """examples:
+  distill2deploy validate mobilenet.yaml                 # the pipeline's validate stage
+  distill2deploy validate resnet56.onnx resnet56.int8.onnx --data npz:sample.npz --json results.json""",
+    "report": "example:\n  distill2deploy report mobilenet.yaml      # rewrite report.md/json and plots of a finished run",
+}
+
+
+def _global_options(defaults: bool) -> argparse.ArgumentParser:
+    """Options accepted before or after the subcommand (SUPPRESS keeps the subparser from resetting them)."""
+    p = argparse.ArgumentParser(add_help=False)
+    d = {} if defaults else {"default": argparse.SUPPRESS}
+    p.add_argument("-o", "--override", dest="overrides", action="append", metavar="KEY.PATH=VALUE",
+                   help="override a config key (repeatable), e.g. -o distill.epochs=5", **({"default": []} if defaults else d))
+    p.add_argument("--out", metavar="PATH", help="run directory (default exports/<config name>/); "
+                   "for standalone export/quantize: the output .onnx file", **({"default": None} if defaults else d))
+    p.add_argument("--force", action="append", metavar="STAGE", help="rerun this stage even if cached (repeatable)",
+                   **({"default": []} if defaults else d))
+    p.add_argument("--debug", action="store_true", help="show full tracebacks", **({"default": False} if defaults else d))
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="distill2deploy", parents=[_global_options(True)], formatter_class=fmt,
+                                     description="Distil a timm classifier into a small student, quantize it to "
+                                     "INT8 and validate it in onnxruntime.", epilog=EXAMPLES[None])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = [_global_options(False)]
+
+    p = sub.add_parser("pipeline", parents=common, formatter_class=fmt, epilog=EXAMPLES["pipeline"],
+                       help="run every stage of a pipeline config (cached stages are skipped)")
+    p.add_argument("config", help="YAML config: a path, or the name of a bundled pipeline")
+
+    for name, text in (("teacher", "build/fine-tune the teacher and record its accuracy"),
+                       ("distill", "train the student (runs the teacher stage first if needed)"),
+                       ("report", "write report.md/report.json and plots for a run")):
+        p = sub.add_parser(name, parents=common, formatter_class=fmt, epilog=EXAMPLES[name], help=text)
+        p.add_argument("config", help="YAML config")
+
+    p = sub.add_parser("export", parents=common, formatter_class=fmt, epilog=EXAMPLES["export"],
+                       help="export ONNX: a pipeline's models, or one timm model (--model)")
+    p.add_argument("config", nargs="?", help="YAML config (omit when using --model)")
+    p.add_argument("--model", help="timm model name (standalone export)")
+    p.add_argument("--checkpoint", help="weights to load (strict)")
+    p.add_argument("--num-classes", type=int, default=100, help="classifier size (default 100)")
+    p.add_argument("--input-size", type=int, default=32, help="input side in pixels (default 32)")
+    p.add_argument("--data", metavar="SOURCE", help="data source: class names and parity check on its test images")
+    p.add_argument("--mean", type=float, nargs=3, help="normalisation mean recorded in metadata (default CIFAR-100)")
+    p.add_argument("--std", type=float, nargs=3, help="normalisation std recorded in metadata (default CIFAR-100)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+
+    p = sub.add_parser("quantize", parents=common, formatter_class=fmt, epilog=EXAMPLES["quantize"],
+                       help="INT8-quantize: a pipeline's student, or one ONNX file")
+    p.add_argument("config", help="YAML config, or an .onnx file exported by distill2deploy")
+    p.add_argument("--data", metavar="SOURCE", help="calibration data source (its train split)")
+    p.add_argument("--calib-samples", type=int, default=512, help="calibration images (default 512)")
+    p.add_argument("--calib-batch-size", type=int, default=32, help="calibration batch size (default 32)")
+    p.add_argument("--activation-type", choices=["uint8", "int8"], default="uint8")
+    p.add_argument("--calibrate-method", choices=["minmax", "entropy", "percentile"], default="minmax")
+    p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
+
+    p = sub.add_parser("validate", parents=common, formatter_class=fmt, epilog=EXAMPLES["validate"],
+                       help="accuracy and latency in onnxruntime: a pipeline's models, or ONNX files")
+    p.add_argument("config", nargs="+", help="YAML config, or one or more .onnx files")
+    p.add_argument("--data", metavar="SOURCE", help="data source (its test split)")
+    p.add_argument("--json", metavar="OUT.json", help="write the results as JSON")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--runs", type=int, default=200, help="timed runs per batch size (default 200)")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--root", help="root for the 'cifar100' source (default $D2D_DATA)")
+    return parser
+
+
+def _is_onnx(path: str | None) -> bool:
+    return bool(path) and str(path).endswith(".onnx")
+
+
+def _run_config(args: argparse.Namespace, until: str) -> int:
+    from .config import load_config
+    from .pipeline import run_pipeline
+
+    cfg, _ = load_config(args.config, args.overrides)
+    force = list(args.force) + (["report"] if args.command == "report" else [])
+    ctx = run_pipeline(cfg, Path(args.out) if args.out else None, until=until, force=force)
+    if ctx.is_main and until == "report":
+        print(f"report: {ctx.run_dir / 'report.md'}")
+    return 0
+
+
+def _require(value: object, flag: str, command: str) -> None:
+    if value is None:
+        raise UserError(f"{flag} is required", where=command, fix=f"see: distill2deploy {command} --help")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    if args.config and not args.model:
+        return _run_config(args, "export")
+    _require(args.model, "--model NAME (or a config)", "export")
+    _require(args.out, "--out FILE.onnx", "export")
+    from . import _io
+    from .config import CIFAR100_MEAN, CIFAR100_STD
+    from .data import load_source, preprocess
+    from .deploy.export import export_onnx
+    from .deploy.metadata import build_metadata
+    from .models.factory import create_model
+
+    mean, std = args.mean or CIFAR100_MEAN, args.std or CIFAR100_STD
+    class_names = [f"class_{i}" for i in range(args.num_classes)]
+    parity = None
+    if args.data:
+        src = load_source(args.data, need_train=False)
+        if src.num_classes != args.num_classes:
+            raise UserError(f"--data has {src.num_classes} classes but --num-classes is {args.num_classes}",
+                            where="export", fix=f"pass --num-classes {src.num_classes}")
+        class_names = src.class_names
+        parity = preprocess(src.test.images[:256], mean=mean, std=std, input_size=args.input_size)
+    model = create_model(args.model, num_classes=args.num_classes, checkpoint=args.checkpoint,
+                         pretrained=args.checkpoint is None)
+    cfg_hash = _io.obj_sha256({"model": args.model, "checkpoint": _io.file_sha256(args.checkpoint)
+                               if args.checkpoint else None, "mean": mean, "std": std, "size": args.input_size})
+    meta = build_metadata(model_name=args.model, class_names=class_names, mean=mean, std=std,
+                          input_size=args.input_size, config_hash=cfg_hash)
+    info = export_onnx(model.eval(), Path(args.out), input_size=args.input_size, opset=args.opset, metadata=meta,
+                       parity_inputs=parity)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    if not _is_onnx(args.config):
+        return _run_config(args, "quantize")
+    _require(args.data, "--data SOURCE", "quantize")
+    _require(args.out, "--out FILE.int8.onnx", "quantize")
+    from .data import load_source, preprocess, stratified_subset
+    from .deploy.metadata import read_metadata
+    from .deploy.quantize import quantize_int8
+
+    meta = read_metadata(args.config)
+    train = load_source(args.data, need_train=True).train
+    bs = args.calib_batch_size
+    n = min(args.calib_samples, len(train.labels)) // bs * bs
+    if n == 0:
+        raise UserError(f"the calibration set has {len(train.labels)} images, fewer than one batch of {bs}",
+                        where="quantize", fix="lower --calib-batch-size")
+    idx = stratified_subset(train.labels, n, 0)
+    calib = preprocess(train.images[idx], mean=meta["mean"], std=meta["std"], input_size=meta["input_size"])
+    info = quantize_int8(args.config, Path(args.out), calib, calib_batch_size=bs,
+                         activation_type=args.activation_type, per_channel=not args.per_tensor,
+                         calibrate_method=args.calibrate_method)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    if not all(_is_onnx(p) for p in args.config):
+        if len(args.config) != 1 or any(_is_onnx(p) for p in args.config):
+            raise UserError("give either one YAML config or one or more .onnx files", where="validate")
+        args.config = args.config[0]
+        return _run_config(args, "validate")
+    _require(args.data, "--data SOURCE", "validate")
+    from . import _io
+    from .data import load_source, preprocess
+    from .deploy.validate import validate_models
+    from .deploy.metadata import read_metadata
+
+    test = load_source(args.data, root=args.root, need_train=False).test
+    groups: dict[str, list[Path]] = {}
+    metas = {}
+    for p in args.config:
+        meta = read_metadata(p)
+        k = json.dumps([meta["mean"], meta["std"], meta["input_size"]])
+        groups.setdefault(k, []).append(Path(p))
+        metas[k] = meta
+    result: dict = {"models": {}, "agreement": {}}
+    for k, paths in groups.items():
+        m = metas[k]
+        images = preprocess(test.images, mean=m["mean"], std=m["std"], input_size=m["input_size"])
+        r = validate_models(paths, images, test.labels, batch_sizes=args.batch_sizes, warmup=args.warmup,
+                            runs=args.runs, threads=args.threads)
+        result["models"].update(r["models"])
+        result["agreement"].update(r.get("agreement", {}))
+    for stem, m in result["models"].items():
+        lat = " ".join(f"p50@bs{bs} {v['p50']:.3f} ms" for bs, v in m["latency_ms"].items())
+        print(f"{stem}: top-1 {100 * m['accuracy']['top1']:.2f}% top-5 {100 * m['accuracy']['top5']:.2f}% "
+              f"(n={m['accuracy']['n']}) {lat} size {m['bytes'] / 1e6:.2f} MB")
+    for pair, frac in result["agreement"].items():
+        print(f"agreement {pair}: {100 * frac:.2f}%")
+    if args.json:
+        _io.write_json(args.json, result)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "pipeline":
+            return _run_config(args, "report")
+        if args.command in ("teacher", "distill", "report"):
+            return _run_config(args, args.command)
+        return {"export": _cmd_export, "quantize": _cmd_quantize, "validate": _cmd_validate}[args.command](args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e.format()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

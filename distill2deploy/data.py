@@ -1,0 +1,208 @@
+"""Data sources, stratified subsets and the transforms shared by training, export and validation.
+
+A data source is one string (usable in YAML and on the CLI): ``cifar100``, ``npz:PATH`` or
+``folder:PATH``. Every source is loaded whole into memory as uint8 NHWC arrays: the datasets this
+project targets are small images, and in-memory arrays make epochs fast and subsets trivial.
+
+:func:`preprocess` and :func:`eval_transform` are the same torchvision ops applied to a batch and
+to one image, so the float inputs fed to onnxruntime match the ones the PyTorch model saw.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from . import _datasets
+from .errors import UserError, suggest
+
+SCHEMES = ("cifar100", "npz", "folder")
+_SOURCE_HELP = "'cifar100', 'npz:PATH' (arrays x_train, y_train, x_test, y_test) or 'folder:PATH' (ImageFolder tree)"
+
+
+@dataclass
+class Split:
+    """One split in memory."""
+
+    images: np.ndarray  # uint8 NHWC
+    labels: np.ndarray  # int64 (N,)
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class DataSource:
+    train: Split | None  # None when the source has no train split and it was not required
+    test: Split
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def parse_source(source: str) -> tuple[str, str | None]:
+    """``'npz:/x.npz'`` -> ``('npz', '/x.npz')``; ``'cifar100'`` -> ``('cifar100', None)``."""
+    where = "data.source"
+    if not isinstance(source, str) or not source.strip():
+        raise UserError(f"empty data source {source!r}", where=where, fix=f"use {_SOURCE_HELP}")
+    source = source.strip()
+    scheme, sep, arg = source.partition(":")
+    if scheme == "cifar100":
+        if sep:
+            raise UserError(f"'cifar100' takes no path (got {source!r})", where=where,
+                            fix="write 'cifar100' and set where it is stored with data.root or $D2D_DATA")
+        return "cifar100", None
+    if scheme in ("npz", "folder"):
+        if not arg.strip():
+            raise UserError(f"'{scheme}:' needs a path (got {source!r})", where=where, fix=f"write '{scheme}:PATH'")
+        return scheme, arg.strip()
+    hint = suggest(scheme.lower() if sep else source.lower(), SCHEMES)
+    if not sep and source.endswith(".npz"):
+        hint = f"did you mean 'npz:{source}'?"
+    elif not sep and Path(source).expanduser().is_dir():
+        hint = f"did you mean 'folder:{source}'?"
+    raise UserError(f"unknown data source {source!r}" + (f"; {hint}" if hint else ""), where=where,
+                    fix=f"use {_SOURCE_HELP}")
+
+
+def data_root(root: str | os.PathLike[str] | None = None) -> Path:
+    """Where CIFAR-100 is stored/downloaded and decoded folders are cached."""
+    root = root or os.environ.get("D2D_DATA") or Path.home() / ".cache" / "distill2deploy" / "data"
+    return Path(root).expanduser()
+
+
+def load_source(source: str, *, root: str | None = None, download: bool = True,
+                need_train: bool = True) -> DataSource:
+    """Load a data source into memory, validating it.
+
+    ``need_train=False`` lets a source without a training split (a test-only npz, a folder with
+    only ``test/``) load; the train split is still returned whenever the source has one.
+    """
+    scheme, arg = parse_source(source)
+    if scheme == "cifar100":
+        train, test, names = _datasets.load_cifar100(data_root(root), download=download, need_train=need_train)
+    elif scheme == "npz":
+        train, test, names = _datasets.load_npz(Path(arg).expanduser(), need_train=need_train)
+    else:
+        train, test, names = _datasets.load_folder(Path(arg).expanduser(), need_train=need_train,
+                                                   cache_dir=data_root(root) / "folder-cache")
+    return DataSource(train=train, test=test, class_names=names)
+
+
+# ------------------------------------------------------------------------------------ subsets
+def stratified_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of ``n`` samples with per-class counts proportional to class frequency.
+
+    Counts are apportioned by largest remainder (so a balanced set stays exactly balanced, up to
+    one sample per class), ties broken by a seeded shuffle rather than by class index so no class
+    is systematically favoured; the same labels and seed always give the same indices.
+    """
+    labels = np.asarray(labels)
+    total = len(labels)
+    if n is None or n >= total:
+        return np.arange(total)
+    if n < 1:
+        raise UserError(f"subset size must be positive, got {n}", where="data.subset",
+                        fix="use a positive number, or null to keep the whole split")
+    rng = np.random.default_rng(seed)
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    quota = n * counts / total
+    take = np.floor(quota).astype(np.int64)
+    frac = quota - take
+    order = np.lexsort((rng.permutation(len(classes)), -frac))
+    take[order[: n - int(take.sum())]] += 1
+    picks = [rng.choice(np.flatnonzero(inverse == c), size=int(k), replace=False)
+             for c, k in enumerate(take) if k]
+    return np.sort(np.concatenate(picks))
+
+
+def subset_source(ds: DataSource, train: int | None, test: int | None, seed: int) -> DataSource:
+    """A stratified subset of each split (``None`` keeps a split whole); class names are kept."""
+
+    def sub(split: Split | None, n: int | None) -> Split | None:
+        if split is None or n is None or n >= len(split):
+            return split
+        idx = stratified_subset(split.labels, n, seed)
+        return Split(images=split.images[idx], labels=split.labels[idx])
+
+    return DataSource(train=sub(ds.train, train), test=sub(ds.test, test), class_names=list(ds.class_names))
+
+
+# -------------------------------------------------------------------------------- transforms
+class ImageDataset(torch.utils.data.Dataset):
+    """(transformed image, int label) pairs over an in-memory split; images go in as uint8 CHW."""
+
+    def __init__(self, split: Split, transform: Callable[[torch.Tensor], Any] | None) -> None:
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        image = torch.from_numpy(self.split.images[i]).permute(2, 0, 1)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.split.labels[i])
+
+
+def _stats(mean: Sequence[float], std: Sequence[float]) -> tuple[list[float], list[float]]:
+    mean, std = [float(m) for m in mean], [float(s) for s in std]
+    if len(mean) != 3 or len(std) != 3:
+        raise UserError(f"mean and std need 3 values (RGB), got {len(mean)} and {len(std)}",
+                        where="data.mean / data.std", fix="give one value per channel")
+    if min(std) <= 0:
+        raise UserError(f"std values must be positive, got {std}", where="data.std", fix="use positive stds")
+    return mean, std
+
+
+def _tail(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
+    mean, std = _stats(mean, std)
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
+def train_transform(*, input_size: int, mean: Sequence[float], std: Sequence[float], crop_padding: int = 4,
+                    hflip: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The standard CIFAR augmentation: random crop after zero-padding, horizontal flip.
+
+    Resize is a no-op (torchvision returns the input) when the image already has the input size.
+    """
+    ops: list[v2.Transform] = [v2.Resize((input_size, input_size), antialias=True)]
+    if crop_padding > 0:
+        ops.append(v2.RandomCrop(input_size, padding=crop_padding, fill=0, padding_mode="constant"))
+    if hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    return v2.Compose(ops + _tail(mean, std))
+
+
+def eval_transform(*, input_size: int, mean: Sequence[float],
+                   std: Sequence[float]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Deterministic: resize (when needed), scale to [0, 1], normalise; works on CHW and NCHW."""
+    return v2.Compose([v2.Resize((input_size, input_size), antialias=True), *_tail(mean, std)])
+
+
+def preprocess(images_uint8_nhwc: np.ndarray, *, mean: Sequence[float], std: Sequence[float],
+               input_size: int, batch_size: int = 1024) -> np.ndarray:
+    """float32 NCHW inputs for onnxruntime, computed by :func:`eval_transform` itself (batched)."""
+    x = np.asarray(images_uint8_nhwc)
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
+        raise UserError(f"expected uint8 images shaped (N, H, W, 3), got {x.dtype} {x.shape}",
+                        fix="pass images as loaded by load_source")
+    tf = eval_transform(input_size=input_size, mean=mean, std=std)
+    out = np.empty((len(x), 3, input_size, input_size), dtype=np.float32)
+    for i in range(0, len(x), batch_size):
+        chunk = torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])).permute(0, 3, 1, 2)
+        out[i:i + batch_size] = tf(chunk).numpy()
+    return out

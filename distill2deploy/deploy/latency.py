@@ -1,0 +1,133 @@
+"""CPU latency and throughput of ONNX models in onnxruntime.
+
+Percentiles rather than a mean are the headline: on a shared machine a few runs get preempted, and
+p50 is what a steady-state deployment sees. Each run is timed on its own with
+``time.perf_counter`` so that p90/p99 describe tail latency, not averages over runs.
+
+When several models are compared (fp32 vs int8), their timed runs are *interleaved* in rounds
+rather than measured one model after the other: background load on a shared machine then hits
+all models alike and their ratio stays meaningful even when the absolute numbers drift.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from .evaluate import make_session
+
+
+def _stats_ms(times_s: np.ndarray) -> dict[str, float]:
+    ms = times_s * 1e3
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(ms.mean())}
+
+
+def _chunks(total: int, rounds: int) -> list[int]:
+    rounds = max(1, min(rounds, total))
+    base, extra = divmod(total, rounds)
+    return [base + (i < extra) for i in range(rounds)]
+
+
+def measure_latency_many(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    input_sizes: Sequence[int],
+    batch_sizes: Iterable[int] = (1, 64),
+    warmup: int = 20,
+    runs: int = 200,
+    threads: int | None = None,
+    progress: bool = True,
+    rounds: int = 10,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """:func:`measure_latency` for several models at once, timed runs interleaved in ``rounds``.
+
+    Returns one result per path, in order.
+    """
+    batch_sizes = [int(b) for b in batch_sizes]
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise UserError(f"batch sizes must be positive integers, got {batch_sizes}")
+    if int(runs) < 1 or int(warmup) < 0:
+        raise UserError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    if len(input_sizes) != len(paths):
+        raise ValueError("one input size per model is needed")
+    runs, warmup = int(runs), int(warmup)
+    sessions, feeds_shape = [], []
+    for path, size in zip(paths, input_sizes):
+        session = make_session(path, threads=threads)
+        inp = session.get_inputs()[0]
+        fixed = [d for d in inp.shape[2:] if isinstance(d, int)]
+        if any(d != size for d in fixed):
+            raise UserError(f"input_size {size} does not match the model input {inp.shape}",
+                            where=os.fspath(path), fix="use the input_size from the model's metadata")
+        chans = inp.shape[1] if isinstance(inp.shape[1], int) else 3
+        sessions.append((session, inp.name))
+        feeds_shape.append((chans, int(size), int(size)))
+
+    rng = np.random.default_rng(seed)
+    times = {(m, bs): [] for m in range(len(paths)) for bs in batch_sizes}
+    names = ", ".join(os.path.basename(os.fspath(p)) for p in paths)
+    total = len(batch_sizes) * len(paths) * (warmup + runs)
+    with tqdm(total=total, desc=f"latency {names}", unit="run", disable=not progress, leave=False) as bar:
+        for bs in batch_sizes:
+            # Random normal = the scale of normalised images; the same tensor for every model.
+            feeds = [{name: rng.standard_normal((bs, *shape), dtype=np.float32)}
+                     for (_, name), shape in zip(sessions, feeds_shape)]
+            for (session, _), feed in zip(sessions, feeds):
+                for _ in range(warmup):
+                    session.run(None, feed)
+                    bar.update()
+            for chunk in _chunks(runs, rounds):
+                for m, ((session, _), feed) in enumerate(zip(sessions, feeds)):
+                    out = times[(m, bs)]
+                    for _ in range(chunk):
+                        t0 = time.perf_counter()
+                        session.run(None, feed)
+                        out.append(time.perf_counter() - t0)
+                    bar.update(chunk)
+                    bar.set_postfix_str(f"bs={bs}")
+
+    settings = {
+        "warmup": warmup, "runs": runs, "rounds": rounds, "threads": threads,
+        "provider": "CPUExecutionProvider", "onnxruntime": ort.__version__,
+        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+    }
+    results = []
+    for m in range(len(paths)):
+        t = {bs: np.asarray(times[(m, bs)]) for bs in batch_sizes}
+        results.append({
+            "latency_ms": {str(bs): _stats_ms(t[bs]) for bs in batch_sizes},
+            "throughput_ips": {str(bs): float(bs * len(t[bs]) / t[bs].sum()) for bs in batch_sizes},
+            "settings": dict(settings),
+        })
+    return results
+
+
+def measure_latency(
+    path: str | os.PathLike[str],
+    *,
+    input_size: int,
+    batch_sizes: Iterable[int] = (1, 64),
+    warmup: int = 20,
+    runs: int = 200,
+    threads: int | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time ``runs`` single inferences per batch size after ``warmup`` untimed ones.
+
+    Returns ``{"latency_ms": {"<bs>": {"p50", "p90", "p99", "mean"}}, "throughput_ips":
+    {"<bs>": images/s}, "settings": {...}}`` with throughput = bs * runs / total timed seconds.
+    ``threads=None`` keeps onnxruntime's default intra-op thread count (one per physical core).
+    """
+    return measure_latency_many([path], input_sizes=[input_size], batch_sizes=batch_sizes,
+                                warmup=warmup, runs=runs, threads=threads, progress=progress,
+                                seed=seed)[0]

@@ -1,0 +1,102 @@
+"""Validate exported models side by side: accuracy, latency and int8-vs-fp32 agreement."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+from .evaluate import accuracy, agreement, make_session, run_batched
+from .latency import measure_latency_many
+from .metadata import read_metadata
+
+Images = np.ndarray | Callable[[dict[str, Any]], np.ndarray]
+
+
+def model_key(path: str | os.PathLike[str]) -> str:
+    """Report key of a model file: the name without ``.onnx`` (``student.int8.onnx`` -> ``student.int8``)."""
+    name = Path(path).name
+    return name[: -len(".onnx")] if name.endswith(".onnx") else name
+
+
+def _fp32_sibling(key: str) -> str | None:
+    return key[: -len(".int8")] if key.endswith(".int8") else None
+
+
+def validate_models(
+    paths: Sequence[str | os.PathLike[str]],
+    images: Images,
+    labels: np.ndarray,
+    *,
+    batch_sizes: Iterable[int] = (1, 64),
+    warmup: int = 20,
+    runs: int = 200,
+    threads: int | None = None,
+    progress: bool = True,
+    eval_batch_size: int = 256,
+) -> dict[str, Any]:
+    """Accuracy and latency of each model in onnxruntime, plus int8/fp32 agreement.
+
+    ``images`` is either one float32 NCHW array (already normalised) used for every model, or a
+    callable ``images(metadata) -> float32 NCHW`` called once per model with that model's parsed
+    metadata (see :func:`~distill2deploy.deploy.metadata.read_metadata`), so models with different
+    input sizes or normalisations are each fed what they were trained on. With a callable every
+    model must carry distill2deploy metadata.
+
+    Each ``X.int8.onnx`` is paired with ``X.onnx`` from ``paths`` (if present): ``agreement`` holds
+    the fraction of equal argmax and ``latency_ratio`` the int8/fp32 ratio of p50 latency per batch
+    size (below 1 means int8 is faster).
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise UserError("no models to validate", fix="pass at least one .onnx file")
+    keys = [model_key(p) for p in paths]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise UserError(f"several models share the name(s) {dupes}; the report is keyed by file name",
+                        fix="validate them separately or rename them")
+    labels = np.asarray(labels).reshape(-1)
+    batch_sizes = tuple(int(b) for b in batch_sizes)
+
+    models: dict[str, Any] = {}
+    logits: dict[str, np.ndarray] = {}
+    sizes = []
+    for key, path in zip(keys, paths):
+        meta = read_metadata(path, require=callable(images))
+        x = images(meta) if callable(images) else images
+        if not isinstance(x, np.ndarray) or x.ndim != 4:
+            raise UserError(f"images for {key} must be a float32 NCHW array, got "
+                            f"{type(x).__name__} {getattr(x, 'shape', None)}")
+        if len(x) != len(labels):
+            raise UserError(f"{len(x)} images but {len(labels)} labels")
+        logits[key] = run_batched(make_session(path, threads=threads), x, eval_batch_size)
+        sizes.append(int(meta.get("input_size", x.shape[-1])))
+        models[key] = {"path": str(path), "bytes": path.stat().st_size,
+                       "accuracy": accuracy(logits[key], labels)}
+    # All models timed together, interleaved, so that their latency ratios are fair.
+    lats = measure_latency_many(paths, input_sizes=sizes, batch_sizes=batch_sizes, warmup=warmup,
+                                runs=runs, threads=threads, progress=progress)
+    for key, lat in zip(keys, lats):
+        models[key]["latency_ms"] = lat["latency_ms"]
+        models[key]["throughput_ips"] = lat["throughput_ips"]
+
+    pairs = {}
+    latency_ratio = {}
+    for key in keys:
+        ref = _fp32_sibling(key)
+        if ref is None or ref not in logits:
+            continue
+        pair = f"{key} vs {ref}"
+        if logits[key].shape != logits[ref].shape:
+            raise UserError(f"{key} and {ref} output different shapes "
+                            f"{logits[key].shape} vs {logits[ref].shape}")
+        pairs[pair] = agreement(logits[key], logits[ref])
+        latency_ratio[pair] = {
+            bs: models[key]["latency_ms"][bs]["p50"] / models[ref]["latency_ms"][bs]["p50"]
+            for bs in models[key]["latency_ms"]
+        }
+    return {"models": models, "agreement": pairs, "latency_ratio": latency_ratio,
+            "settings": {"batch_sizes": list(batch_sizes), **lat["settings"]}}

@@ -1,0 +1,34 @@
+"""Hinton KD (offline, response-based): CE on labels + tau^2 KL to the frozen teacher's soft targets."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import losses
+from .._schema import doc
+from ._base import DistillMethod, StepOutput, TeacherOutput
+from ._registry import register_method
+
+
+@dataclass
+class KDOptions:
+    temperature: float = doc(4.0, "softmax temperature tau")
+    ce_weight: float = doc(1.0, "weight of the label cross-entropy")
+    kd_weight: float = doc(1.0, "weight of the KD term")
+
+
+@register_method
+class KD(DistillMethod):
+    name = "kd"
+    Options = KDOptions
+
+    def forward(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
+                progress: float) -> StepOutput:
+        o: KDOptions = self.options
+        logits = self.student(images)
+        ce = F.cross_entropy(logits, labels)
+        kd = losses.kd_loss(logits, teacher_outputs[0].logits, o.temperature)
+        loss = o.ce_weight * ce + o.kd_weight * kd
+        return StepOutput(loss=loss, logits=logits, logs={"ce": ce.detach(), "kd": kd.detach()})

@@ -1,0 +1,50 @@
+"""KD + EC: Hinton KD plus error correction at the final level, frozen teacher (docs/methods.md §6).
+
+L = w_ce CE + w_kd KD(t -> s) + w_ec EC(t -> s; TRSW): the teacher's soft targets everywhere, and
+an extra pull on exactly the samples the teacher gets right and the student wrong. It is ECKD-R
+reduced to one level and one direction, written out because it is a modifier of plain KD.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import losses
+from .._schema import doc
+from ._base import DistillMethod, StepOutput, TeacherOutput
+from ._registry import register_method
+from .eckd import mask_logs, validate_options
+
+
+@dataclass
+class KDECOptions:
+    temperature: float = doc(4.0, "softmax temperature tau of KD and EC")
+    ce_weight: float = doc(1.0, "weight of the label cross-entropy")
+    kd_weight: float = doc(1.0, "weight of the KD term (0 disables it)")
+    ec_weight: float = doc(1.0, "weight of the error-correction term on teacher-right/student-wrong samples")
+
+
+@register_method
+class KDEC(DistillMethod):
+    name = "kd_ec"
+    Options = KDECOptions
+
+    @classmethod
+    def parse_options(cls, options: dict[str, Any]) -> Any:
+        return validate_options(super().parse_options(options))
+
+    def forward(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
+                progress: float) -> StepOutput:
+        o: KDECOptions = self.options
+        logits = self.student(images)
+        t_logits = teacher_outputs[0].logits
+        masks = losses.error_masks(t_logits, logits, labels)
+        ce = F.cross_entropy(logits, labels)
+        kd = losses.kd_loss(logits, t_logits, o.temperature)
+        ec = losses.ec_loss(t_logits, logits, masks.student_correction, o.temperature)
+        loss = o.ce_weight * ce + o.kd_weight * kd + o.ec_weight * ec
+        logs = {"ce": ce.detach(), "kd": kd.detach(), "ec": ec.detach(), **mask_logs(masks)}
+        return StepOutput(loss=loss, logits=logits, logs=logs)

@@ -1,0 +1,55 @@
+"""export: the teacher and the distilled student as ONNX, with the metadata a server needs."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .._schema import to_dict
+from ..config import PipelineConfig, config_dict
+from .. import _io
+from ..data import preprocess
+from ..deploy.export import export_onnx
+from ..deploy.metadata import build_metadata
+from ..models.factory import create_model, load_checkpoint
+from ._base import RunContext, Stage, StageResult
+from .teacher import build_teacher
+
+
+def model_config_hash(cfg: PipelineConfig) -> str:
+    """Hash of everything that determines the exported weights (validation settings excluded)."""
+    d = config_dict(cfg)
+    for k in ("name", "validate"):
+        d.pop(k, None)
+    d["data"].pop("num_workers", None)
+    return _io.obj_sha256(d)
+
+
+class ExportStage(Stage):
+    name = "export"
+    needs = ("teacher", "distill")
+
+    def key_inputs(self, ctx: RunContext) -> dict[str, Any]:
+        return {"export": to_dict(ctx.cfg.export), "data": ctx.data_key(), "config_hash": model_config_hash(ctx.cfg)}
+
+    def run(self, ctx: RunContext, stage_dir: Path) -> StageResult:
+        cfg = ctx.cfg
+        data = ctx.data(need_train=False)
+        d = cfg.data
+        n = min(cfg.export.parity_samples, len(data.test.labels))
+        parity_inputs = preprocess(data.test.images[:n], mean=d.mean, std=d.std, input_size=d.input_size)
+        student = create_model(cfg.student.model, num_classes=data.num_classes, **cfg.student.model_kwargs)
+        load_checkpoint(student, str(ctx.output("distill", "weights")))
+        teacher = build_teacher(cfg, data.num_classes, weights=ctx.output("teacher", "weights"))
+        outputs, summary = {}, {}
+        for role, model, name in (("teacher", teacher, cfg.teacher.model), ("student", student, cfg.student.model)):
+            meta = build_metadata(model_name=name, class_names=data.class_names, mean=d.mean, std=d.std,
+                                  input_size=d.input_size, config_hash=model_config_hash(cfg))
+            path = stage_dir / f"{role}.onnx"
+            info = export_onnx(model.eval(), path, input_size=d.input_size, opset=cfg.export.opset, metadata=meta,
+                               parity_inputs=parity_inputs)
+            outputs[role] = path
+            summary[role] = {"bytes": info["bytes"], "opset": info["opset"], "parity": info["parity"]}
+            p = info["parity"]
+            print(f"[export] {path.name}: max |torch - onnxruntime| {p['max_abs_diff']:.2e}, "
+                  f"top-1 agreement {100 * p['top1_agreement']:.2f}% on {p['n']} test images")
+        return StageResult(outputs=outputs, summary=summary)

@@ -1,0 +1,36 @@
+"""report: report.json, report.md and PNG plots at the top of the run directory."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .. import _io
+from ..config import config_hash
+from ..deploy.plots import plot_accuracy_latency
+from ..report import build_report, plot_training_curves, render_markdown
+from ._base import RunContext, Stage, StageResult
+
+
+class ReportStage(Stage):
+    name = "report"
+    needs = ("teacher", "distill", "export", "quantize", "validate")
+
+    def key_inputs(self, ctx: RunContext) -> dict[str, Any]:
+        return {"config_hash": config_hash(ctx.cfg)}
+
+    def run(self, ctx: RunContext, stage_dir: Path) -> StageResult:
+        return write_report(ctx.run_dir, ctx.manifests, config_hash(ctx.cfg), ctx.cfg.name or ctx.run_dir.name)
+
+
+def write_report(run_dir: Path, manifests: dict[str, dict[str, Any]], cfg_hash: str, name: str) -> StageResult:
+    report = build_report(run_dir, manifests, cfg_hash, name)
+    _io.write_json(run_dir / "report.json", report)
+    _io.write_text(run_dir / "report.md", render_markdown(report))
+    plot_accuracy_latency(report, run_dir / "accuracy_latency.png")
+    metrics = _io.read_jsonl(run_dir / manifests["distill"]["outputs"]["metrics"]["path"])
+    outputs = {"json": run_dir / "report.json", "markdown": run_dir / "report.md",
+               "accuracy_latency": run_dir / "accuracy_latency.png"}
+    if metrics:
+        plot_training_curves(metrics, run_dir / "training_curves.png", f"{name}: distill")
+        outputs["training_curves"] = run_dir / "training_curves.png"
+    return StageResult(outputs=outputs, summary={})

@@ -1,0 +1,1 @@
+"""Bundled pipeline configs (installed as the ``distill2deploy.pipelines`` package)."""

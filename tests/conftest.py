@@ -1,0 +1,34 @@
+"""Shared fixtures: paths to the read-only real data beside the repo, tiny configs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SAMPLE_NPZ = SHARED / "data" / "cifar100_sample.npz"
+WEIGHTS = SHARED / "weights"
+
+# Tests never download: the hub and dataset sites are unreachable in CI.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def need_shared() -> None:
+    if not SAMPLE_NPZ.is_file():
+        pytest.skip(f"the shared sample data is not at {SAMPLE_NPZ}")
+
+
+@pytest.fixture
+def sample_npz() -> Path:
+    need_shared()
+    return SAMPLE_NPZ
+
+
+@pytest.fixture
+def resnet56_weights() -> Path:
+    p = WEIGHTS / "cifar100_resnet56.pth"
+    if not p.is_file():
+        pytest.skip(f"shared weights not at {p}")
+    return p

@@ -1,0 +1,409 @@
+"""Distillation losses against hand-computed values (numpy / closed forms, never the code under test)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from distill2deploy import losses as L
+from distill2deploy.errors import UserError
+
+# ---------------------------------------------------------------------------- numpy references
+
+
+def np_softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def np_kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Row-wise KL(p || q) with the convention 0 * log(0 / anything) = 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log(p / q), 0.0)
+    return terms.sum(axis=-1)
+
+
+def t(x) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float64)
+
+
+LOGITS_A = [[2.0, 0.5, -1.0, 0.0], [0.3, 0.1, 1.7, -0.4], [-1.2, 2.2, 0.0, 0.9]]
+LOGITS_B = [[0.5, 1.0, 0.0, -0.5], [1.1, -0.3, 0.4, 0.2], [0.0, 0.7, -0.8, 1.5]]
+LABELS = [0, 2, 3]
+
+
+# ---------------------------------------------------------------------------- KD
+
+
+def test_kl_closed_form_and_tau_squared_scaling():
+    # p = [1/2, 1/2], q = [1/4, 3/4]: KL = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3)
+    src, tgt = t([[0.0, 0.0]]), t([[0.0, math.log(3.0)]])
+    assert L.kl_div_tempered(src, tgt, 1.0).item() == pytest.approx(0.5 * math.log(4 / 3), rel=1e-12)
+    # the same probabilities at tau = 2 (logits doubled): the loss is 2^2 times the plain KL
+    assert L.kl_div_tempered(src, 2 * tgt, 2.0).item() == pytest.approx(4 * 0.5 * math.log(4 / 3), rel=1e-12)
+
+
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_kd_loss_matches_numpy_and_only_student_gets_gradient(tau):
+    teacher = t(LOGITS_A).requires_grad_()
+    student = t(LOGITS_B).requires_grad_()
+    loss = L.kd_loss(student, teacher, tau)
+    expected = tau**2 * np_kl(np_softmax(np.array(LOGITS_A) / tau), np_softmax(np.array(LOGITS_B) / tau)).mean()
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+    loss.backward()
+    assert teacher.grad is None
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    per_sample = L.kl_div_tempered(teacher, student, tau, reduction="none")
+    assert per_sample.shape == (3,)
+    assert L.kl_div_tempered(teacher, student, tau, reduction="sum").item() == pytest.approx(3 * expected, rel=1e-10)
+
+
+def test_bad_temperature_is_a_user_error():
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(UserError, match="temperature"):
+            L.kd_loss(t(LOGITS_B), t(LOGITS_A), bad)
+
+
+def test_shape_mismatch_is_rejected():
+    with pytest.raises(ValueError, match="same shape"):
+        L.kd_loss(t(LOGITS_B), t(LOGITS_A)[:, :3])
+
+
+# ---------------------------------------------------------------------------- ECKD masks
+
+
+def constructed_batch():
+    # labels:               0        1        2        0        1
+    # teacher argmax:       0 (R)    1 (R)    0 (W)    2 (W)    1 (R)
+    # student argmax:       0 (R)    2 (W)    2 (R)    1 (W)    0 (W)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    teacher = t([[3, 0, 0], [0, 3, 0], [3, 0, 0], [0, 0, 3], [0, 3, 1]])
+    student = t([[2, 1, 0], [0, 1, 2], [0, 0, 1], [0, 1, 0], [2, 1, 0]])
+    return teacher, student, labels
+
+
+def test_correctness_and_error_masks_on_constructed_batch():
+    teacher, student, labels = constructed_batch()
+    assert L.correctness(teacher, labels).tolist() == [True, True, False, False, True]
+    assert L.correctness(student, labels).tolist() == [True, False, True, False, False]
+    m = L.error_masks(teacher, student, labels)
+    assert m.trsr.tolist() == [True, False, False, False, False]
+    assert m.trsw.tolist() == [False, True, False, False, True]
+    assert m.twsr.tolist() == [False, False, True, False, False]
+    assert m.twsw.tolist() == [False, False, False, True, False]
+    assert m.student_correction is m.trsw and m.teacher_correction is m.twsr
+    # the four masks partition the batch
+    assert (m.trsr.int() + m.trsw.int() + m.twsr.int() + m.twsw.int()).tolist() == [1] * 5
+    fr = L.mask_fractions(m)
+    assert set(fr) == {"trsr", "trsw", "twsr", "twsw"}
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in fr.values())
+    assert {k: round(v.item(), 6) for k, v in fr.items()} == {"trsr": 0.2, "trsw": 0.4, "twsr": 0.2, "twsw": 0.2}
+
+
+def test_error_masks_reject_bad_labels():
+    teacher, student, labels = constructed_batch()
+    with pytest.raises(ValueError, match="labels"):
+        L.error_masks(teacher, student, labels[:3])
+    with pytest.raises(ValueError, match="labels"):
+        L.correctness(teacher, labels.float())
+
+
+# ---------------------------------------------------------------------------- EC loss
+
+
+@pytest.mark.parametrize("tau", [1.0, 3.0])
+def test_ec_loss_equals_masking_both_sides_probabilities(tau):
+    src_np, tgt_np = np.array(LOGITS_A), np.array(LOGITS_B)
+    mask_np = np.array([1.0, 0.0, 1.0])
+    # the spec's form: the mask row multiplies both softened distributions, 0 log 0/0 = 0
+    p = mask_np[:, None] * np_softmax(src_np / tau)
+    q = mask_np[:, None] * np_softmax(tgt_np / tau)
+    spec_form = tau**2 * np_kl(p, q).sum() / 3
+    # the masked per-sample KL form
+    per_sample_form = tau**2 * (mask_np * np_kl(np_softmax(src_np / tau), np_softmax(tgt_np / tau))).sum() / 3
+    assert spec_form == pytest.approx(per_sample_form, rel=1e-12)
+
+    source = t(LOGITS_A).requires_grad_()
+    target = t(LOGITS_B).requires_grad_()
+    loss = L.ec_loss(source, target, torch.tensor([True, False, True]), tau)
+    assert loss.item() == pytest.approx(spec_form, rel=1e-10)
+    loss.backward()
+    assert source.grad is None
+    # only the masked rows of the learning side receive gradient
+    row_grad = target.grad.abs().sum(dim=1)
+    assert row_grad[0] > 0 and row_grad[2] > 0 and row_grad[1] == 0
+
+
+def test_ec_loss_tau_squared_scaling():
+    mask = torch.tensor([True, True, False])
+    tau = 4.0
+    loss = L.ec_loss(t(LOGITS_A), t(LOGITS_B), mask, tau).item()
+    unscaled = np_kl(np_softmax(np.array(LOGITS_A) / tau), np_softmax(np.array(LOGITS_B) / tau))[:2].sum() / 3
+    assert loss == pytest.approx(tau**2 * unscaled, rel=1e-10)
+
+
+def test_ec_loss_empty_mask_is_exactly_zero_with_zero_gradient():
+    teacher, student, labels = constructed_batch()
+    teacher, student = teacher[[0, 2, 3]], student[[0, 2, 3]]
+    labels = labels[[0, 2, 3]]
+    masks = L.error_masks(teacher, student, labels)
+    assert not masks.trsw.any()  # no sample where the teacher could correct the student
+    # an unselected row whose KL is infinite must not poison the gradient (0 * inf = NaN)
+    student = student.clone()
+    student[2, 0] = -math.inf
+    student.requires_grad_()
+    loss = L.ec_loss(teacher, student, masks.student_correction, 4.0)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert student.grad is not None
+    assert torch.equal(student.grad, torch.zeros_like(student))
+
+
+def test_ec_loss_requires_a_bool_mask():
+    with pytest.raises(TypeError, match="bool mask"):
+        L.ec_loss(t(LOGITS_A), t(LOGITS_B), torch.tensor([1.0, 0.3, 0.0]), 4.0)
+    with pytest.raises(TypeError, match="bool mask"):
+        L.ec_loss(t(LOGITS_A), t(LOGITS_B), torch.tensor([True, False]), 4.0)
+
+
+# ---------------------------------------------------------------------------- DKD
+
+
+def np_dkd(student: np.ndarray, teacher: np.ndarray, labels: list[int], tau: float):
+    """TCKD and NCKD per sample straight from the definitions (times tau^2)."""
+    tckd, nckd, pt_teacher = [], [], []
+    for zs, zt, y in zip(student, teacher, labels):
+        ps, pt = np_softmax(zs / tau), np_softmax(zt / tau)
+        bs, bt = np.array([ps[y], 1 - ps[y]]), np.array([pt[y], 1 - pt[y]])
+        keep = [c for c in range(len(zs)) if c != y]
+        hat_s, hat_t = ps[keep] / ps[keep].sum(), pt[keep] / pt[keep].sum()
+        tckd.append(tau**2 * np_kl(bt, bs))
+        nckd.append(tau**2 * np_kl(hat_t, hat_s))
+        pt_teacher.append(pt[y])
+    return np.array(tckd), np.array(nckd), np.array(pt_teacher)
+
+
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_dkd_terms_match_definitions(tau):
+    tckd_np, nckd_np, _ = np_dkd(np.array(LOGITS_B), np.array(LOGITS_A), LABELS, tau)
+    labels = torch.tensor(LABELS)
+    tckd, nckd = L.dkd_terms(t(LOGITS_B), t(LOGITS_A), labels, tau, reduction="none")
+    np.testing.assert_allclose(tckd.numpy(), tckd_np, rtol=1e-10)
+    np.testing.assert_allclose(nckd.numpy(), nckd_np, rtol=1e-10)
+    tckd_m, nckd_m = L.dkd_terms(t(LOGITS_B), t(LOGITS_A), labels, tau)
+    assert tckd_m.item() == pytest.approx(tckd_np.mean(), rel=1e-10)
+    assert nckd_m.item() == pytest.approx(nckd_np.mean(), rel=1e-10)
+    total = L.dkd_loss(t(LOGITS_B), t(LOGITS_A), labels, alpha=1.0, beta=8.0, temperature=tau)
+    assert total.item() == pytest.approx(tckd_np.mean() + 8 * nckd_np.mean(), rel=1e-10)
+
+
+def test_dkd_decomposition_reproduces_kd():
+    """KD = TCKD + (1 - p_t^T) * NCKD per sample: alpha = 1, beta = 1 - p_t^T gives KD back."""
+    tau = 4.0
+    labels = torch.tensor(LABELS)
+    student, teacher = t(LOGITS_B), t(LOGITS_A)
+    tckd, nckd = L.dkd_terms(student, teacher, labels, tau, reduction="none")
+    p_t = torch.softmax(teacher / tau, dim=1).gather(1, labels[:, None]).squeeze(1)
+    recomposed = tckd + (1 - p_t) * nckd
+    kd = L.kl_div_tempered(teacher, student, tau, reduction="none")
+    torch.testing.assert_close(recomposed, kd, rtol=1e-12, atol=1e-12)
+    assert recomposed.mean().item() == pytest.approx(L.kd_loss(student, teacher, tau).item(), rel=1e-12)
+    # and against numpy, to be sure both sides are not wrong in the same way
+    _, _, pt_np = np_dkd(np.array(LOGITS_B), np.array(LOGITS_A), LABELS, tau)
+    kd_np = tau**2 * np_kl(np_softmax(np.array(LOGITS_A) / tau), np_softmax(np.array(LOGITS_B) / tau))
+    np.testing.assert_allclose(p_t.numpy(), pt_np, rtol=1e-12)
+    np.testing.assert_allclose(recomposed.numpy(), kd_np, rtol=1e-10)
+
+
+def test_dkd_gradient_only_into_student_and_stable_for_large_logits():
+    teacher = t([[200.0, -100.0, 0.0], [0.0, 0.0, 500.0]]).requires_grad_()
+    student = t([[-300.0, 100.0, 0.0], [1.0, 2.0, 3.0]]).requires_grad_()
+    loss = L.dkd_loss(student, teacher, torch.tensor([0, 2]), temperature=1.0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert teacher.grad is None and torch.isfinite(student.grad).all()
+
+
+def test_dkd_warmup():
+    assert L.dkd_warmup(0, 20) == 0.0
+    assert L.dkd_warmup(5, 20) == 0.25
+    assert L.dkd_warmup(20, 20) == 1.0
+    assert L.dkd_warmup(37.5, 20) == 1.0
+    assert L.dkd_warmup(3, 0) == 1.0
+    with pytest.raises(UserError, match="warm-up"):
+        L.dkd_warmup(3, -1)
+
+
+# ---------------------------------------------------------------------------- DML
+
+
+def test_dml_mean_over_peers_peers_detached():
+    self_logits = t(LOGITS_B).requires_grad_()
+    peer1 = t(LOGITS_A).requires_grad_()
+    peer2 = t([[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0]]).requires_grad_()
+    loss = L.dml_loss(self_logits, [peer1, peer2])
+    q = np_softmax(np.array(LOGITS_B))
+    expected = 0.5 * (np_kl(np_softmax(peer1.detach().numpy()), q).mean()
+                      + np_kl(np_softmax(peer2.detach().numpy()), q).mean())
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+    loss.backward()
+    assert peer1.grad is None and peer2.grad is None and self_logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="peer"):
+        L.dml_loss(self_logits, [])
+
+
+# ---------------------------------------------------------------------------- multi-teacher
+
+
+TEACHERS = [[[4.0, 0.0, 0.0], [0.0, 0.5, 0.0]],      # teacher 1: sure on sample 0, unsure on 1
+            [[1.0, 0.0, 0.5], [0.0, 0.0, 3.0]]]      # teacher 2: unsure on sample 0, sure on 1
+
+
+def test_multi_teacher_weights_hand_computed():
+    teachers = [t(x) for x in TEACHERS]
+    probs = np.stack([np_softmax(np.array(x)) for x in TEACHERS], axis=1)          # [B, K, C]
+
+    mean = L.multi_teacher_weights(teachers, "mean")
+    np.testing.assert_allclose(mean.numpy(), [[0.5, 0.5], [0.5, 0.5]])
+    fixed = L.multi_teacher_weights(teachers, "mean", [1.0, 3.0])
+    np.testing.assert_allclose(fixed.numpy(), [[0.25, 0.75], [0.25, 0.75]])
+
+    conf = probs.max(axis=2)
+    conf_w = conf / conf.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(L.multi_teacher_weights(teachers, "confidence").numpy(), conf_w, rtol=1e-6)
+    assert conf_w[0, 0] > 0.5 and conf_w[1, 1] > 0.5  # the sure teacher dominates each sample
+
+    neg_h = (probs * np.log(probs)).sum(axis=2)
+    ent_w = np.exp(neg_h) / np.exp(neg_h).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(L.multi_teacher_weights(teachers, "entropy").numpy(), ent_w, rtol=1e-6)
+
+    # a fixed prior multiplies the per-sample weights before renormalising
+    prior = np.array([1.0, 3.0])
+    conf_prior = conf * prior / (conf * prior).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(L.multi_teacher_weights(teachers, "confidence", [1, 3]).numpy(), conf_prior,
+                               rtol=1e-6)
+    ent_prior = np.exp(neg_h) * prior / (np.exp(neg_h) * prior).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(L.multi_teacher_weights(teachers, "entropy", [1, 3]).numpy(), ent_prior,
+                               rtol=1e-6)
+
+    for weighting in L.MULTI_TEACHER_WEIGHTINGS:
+        for w in (None, [2.0, 0.5]):
+            s = L.multi_teacher_weights(teachers, weighting, w).sum(dim=1)
+            torch.testing.assert_close(s, torch.ones(2, dtype=s.dtype))
+
+
+@pytest.mark.parametrize("weighting", ["mean", "confidence", "entropy"])
+def test_multi_teacher_targets_are_weighted_soft_targets(weighting):
+    tau = 2.0
+    teachers = [t(x).requires_grad_() for x in TEACHERS]
+    target = L.multi_teacher_targets(teachers, tau, weighting)
+    w = L.multi_teacher_weights(teachers, weighting).numpy()
+    soft = np.stack([np_softmax(np.array(x) / tau) for x in TEACHERS], axis=1)
+    np.testing.assert_allclose(target.numpy(), (w[:, :, None] * soft).sum(axis=1), rtol=1e-6)
+    torch.testing.assert_close(target.sum(dim=1), torch.ones(2, dtype=target.dtype))
+    assert not target.requires_grad
+
+
+def test_multi_teacher_bad_config_is_a_user_error():
+    teachers = [t(x) for x in TEACHERS]
+    with pytest.raises(UserError, match="did you mean 'entropy'"):
+        L.multi_teacher_targets(teachers, 4.0, "entropi")
+    with pytest.raises(UserError, match="2 teachers"):
+        L.multi_teacher_targets(teachers, 4.0, "mean", [1.0])
+    with pytest.raises(UserError, match="2 teachers"):
+        L.multi_teacher_targets(teachers, 4.0, "mean", [1.0, -1.0])
+
+
+def test_soft_target_kd_with_zero_target_entries():
+    tau = 2.0
+    target = t([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]]).requires_grad_()
+    student = t([[1.0, 0.0, -1.0], [0.0, 0.0, 0.0]]).requires_grad_()
+    loss = L.soft_target_kd(student, target, tau)
+    expected = tau**2 * np_kl(target.detach().numpy(), np_softmax(student.detach().numpy() / tau)).mean()
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+    loss.backward()
+    assert target.grad is None and torch.isfinite(student.grad).all()
+
+
+# ---------------------------------------------------------------------------- feature losses
+
+
+def test_fitnet_loss_and_per_sample_feature_loss():
+    s = t([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]]]).requires_grad_()   # [2, 2, 2]
+    f = t([[[1.0, 0.0], [3.0, 0.0]], [[1.0, 1.0], [1.0, 3.0]]]).requires_grad_()
+    # sample 0: (0 + 4 + 0 + 16) / 4 = 5;  sample 1: (1 + 1 + 1 + 9) / 4 = 3
+    assert L.feature_loss_per_sample(s, f).tolist() == [5.0, 3.0]
+    loss = L.fitnet_loss(s, f)
+    assert loss.item() == 4.0
+    loss.backward()
+    assert f.grad is None and s.grad is not None
+    with pytest.raises(ValueError, match="adapt"):
+        L.fitnet_loss(s, f[:, :1])
+
+
+def test_masked_feature_loss():
+    source = t([[[1.0, 0.0], [3.0, 0.0]], [[1.0, 1.0], [1.0, 3.0]], [[0.0] * 2] * 2]).requires_grad_()
+    target = t([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]], [[5.0] * 2] * 2]).requires_grad_()
+    loss = L.masked_feature_loss(source, target, torch.tensor([True, True, False]))
+    assert loss.item() == pytest.approx((5.0 + 3.0) / 3)  # divided by the full batch
+    loss.backward()
+    assert source.grad is None
+    assert target.grad[2].abs().sum() == 0 and target.grad[:2].abs().sum() > 0
+    empty = L.masked_feature_loss(source, target.detach().requires_grad_(), torch.zeros(3, dtype=torch.bool))
+    assert empty.item() == 0.0
+
+
+# ---------------------------------------------------------------------------- ReviewKD HCL
+
+
+def np_pool(x: np.ndarray, level: int) -> np.ndarray:
+    """Adaptive average pooling for H, W divisible by level: block means."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, level, h // level, level, w // level).mean(axis=(3, 5))
+
+
+def np_hcl_pair(fs: np.ndarray, ft: np.ndarray, levels=(4, 2, 1)) -> float:
+    loss, weight, weight_sum = ((fs - ft) ** 2).mean(), 1.0, 1.0
+    for level in levels:
+        if level >= fs.shape[2]:
+            continue
+        weight /= 2
+        loss += weight * ((np_pool(fs, level) - np_pool(ft, level)) ** 2).mean()
+        weight_sum += weight
+    return loss / weight_sum
+
+
+def test_hcl_hand_computed_2x2():
+    # full MSE = (1 + 0 + 0 + 1) / 4 = 0.5; levels 4 and 2 are skipped (>= H = 2); the 1x1 level:
+    # pooled teacher = 0.5, pooled student = 0 -> 0.25 with weight 1/2; total (0.5 + 0.125) / 1.5
+    fs = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    ft = t([[[[1.0, 0.0], [0.0, 1.0]]]])
+    assert L.hcl_loss([fs], [ft]).item() == pytest.approx(0.625 / 1.5, rel=1e-12)
+
+
+def test_hcl_pyramid_matches_numpy_and_sums_over_pairs():
+    rng = np.random.default_rng(0)
+    pairs = [(rng.normal(size=(2, 3, 8, 8)), rng.normal(size=(2, 3, 8, 8))),   # levels 4, 2, 1 used
+             (rng.normal(size=(2, 5, 4, 4)), rng.normal(size=(2, 5, 4, 4)))]   # level 4 skipped
+    expected = sum(np_hcl_pair(a, b) for a, b in pairs)
+    # the 8x8 pair's weights: 1 + 1/2 + 1/4 + 1/8
+    fs = [t(a).requires_grad_() for a, _ in pairs]
+    ft = [t(b).requires_grad_() for _, b in pairs]
+    loss = L.hcl_loss(fs, ft)
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+    loss.backward()
+    assert all(f.grad is None for f in ft) and all(f.grad is not None for f in fs)
+    # custom levels
+    assert L.hcl_loss(fs[:1], ft[:1], levels=(2,)).item() == pytest.approx(
+        np_hcl_pair(*pairs[0], levels=(2,)), rel=1e-10)
+
+
+def test_hcl_equal_features_is_zero_and_bad_input_rejected():
+    f, g = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)
+    assert L.hcl_loss([f, g], [f.clone(), g.clone()]).item() == 0.0
+    with pytest.raises(ValueError, match="equally many"):
+        L.hcl_loss([f, f], [f])
+    with pytest.raises(ValueError, match="same shape"):
+        L.hcl_loss([f], [f[:, :2]])
