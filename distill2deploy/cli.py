@@ -132,13 +132,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     _require(args.model, "--model NAME (or a config)", "export")
     _require(args.out, "--out FILE.onnx", "export")
     from . import _io
-    from .config import CIFAR100_MEAN, CIFAR100_STD
+    from .models import CIFAR100_MEAN, CIFAR100_STD
     from .data import load_source, preprocess
     from .deploy.export import export_onnx
     from .deploy.metadata import build_metadata
     from .models.factory import create_model
 
-    mean, std = args.mean or CIFAR100_MEAN, args.std or CIFAR100_STD
+    mean, std = args.mean or list(CIFAR100_MEAN), args.std or list(CIFAR100_STD)
     class_names = [f"class_{i}" for i in range(args.num_classes)]
     parity = None
     if args.data:
@@ -147,7 +147,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             raise UserError(f"--data has {src.num_classes} classes but --num-classes is {args.num_classes}",
                             where="export", fix=f"pass --num-classes {src.num_classes}")
         class_names = src.class_names
-        parity = preprocess(src.test.images[:256], mean=mean, std=std, input_size=args.input_size)
+        parity = preprocess(src.test.images[:1024], mean=mean, std=std, input_size=args.input_size)
     model = create_model(args.model, num_classes=args.num_classes, checkpoint=args.checkpoint,
                          pretrained=args.checkpoint is None)
     cfg_hash = _io.obj_sha256({"model": args.model, "checkpoint": _io.file_sha256(args.checkpoint)
@@ -198,21 +198,18 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from .deploy.metadata import read_metadata
 
     test = load_source(args.data, root=args.root, need_train=False).test
-    groups: dict[str, list[Path]] = {}
-    metas = {}
+    cache: dict[str, object] = {}
+
+    def images(meta: dict) -> object:  # each model gets the preprocessing its metadata records
+        key = json.dumps([meta["mean"], meta["std"], meta["input_size"]])
+        if key not in cache:
+            cache[key] = preprocess(test.images, mean=meta["mean"], std=meta["std"], input_size=meta["input_size"])
+        return cache[key]
+
     for p in args.config:
-        meta = read_metadata(p)
-        k = json.dumps([meta["mean"], meta["std"], meta["input_size"]])
-        groups.setdefault(k, []).append(Path(p))
-        metas[k] = meta
-    result: dict = {"models": {}, "agreement": {}}
-    for k, paths in groups.items():
-        m = metas[k]
-        images = preprocess(test.images, mean=m["mean"], std=m["std"], input_size=m["input_size"])
-        r = validate_models(paths, images, test.labels, batch_sizes=args.batch_sizes, warmup=args.warmup,
-                            runs=args.runs, threads=args.threads)
-        result["models"].update(r["models"])
-        result["agreement"].update(r.get("agreement", {}))
+        read_metadata(p)  # fail early, before any timing, on a file without our metadata
+    result = validate_models([Path(p) for p in args.config], images, test.labels, batch_sizes=args.batch_sizes,
+                             warmup=args.warmup, runs=args.runs, threads=args.threads)
     for stem, m in result["models"].items():
         lat = " ".join(f"p50@bs{bs} {v['p50']:.3f} ms" for bs, v in m["latency_ms"].items())
         print(f"{stem}: top-1 {100 * m['accuracy']['top1']:.2f}% top-5 {100 * m['accuracy']['top5']:.2f}% "

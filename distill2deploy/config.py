@@ -18,9 +18,8 @@ from . import _schema
 from ._io import obj_sha256
 from ._schema import doc
 from .errors import UserError
+from .models._cifar_common import CIFAR100_MEAN, CIFAR100_STD
 
-CIFAR100_MEAN = [0.5071, 0.4865, 0.4409]
-CIFAR100_STD = [0.2673, 0.2564, 0.2762]
 
 
 @dataclass
@@ -42,8 +41,8 @@ class DataConfig:
     download: bool = doc(True, "allow downloading 'cifar100' when it is not under root")
     subset: SubsetConfig = doc(SubsetConfig(), "stratified subsets for quick runs")
     input_size: int = doc(32, "side of the square input the student sees (images are resized if they differ)")
-    mean: list[float] = doc(CIFAR100_MEAN, "per-channel mean after scaling to [0, 1]; recorded in the ONNX metadata")
-    std: list[float] = doc(CIFAR100_STD, "per-channel std after scaling to [0, 1]; recorded in the ONNX metadata")
+    mean: list[float] = doc(list(CIFAR100_MEAN), "per-channel mean after scaling to [0, 1]; recorded in the ONNX metadata")
+    std: list[float] = doc(list(CIFAR100_STD), "per-channel std after scaling to [0, 1]; recorded in the ONNX metadata")
     augment: AugmentConfig = doc(AugmentConfig(), "training augmentation (standard CIFAR protocol)")
     num_workers: int = doc(2, "DataLoader worker processes")
 
@@ -198,6 +197,10 @@ def load_config(name: str, overrides: list[str] | None = None) -> tuple[Pipeline
 def check_config(cfg: PipelineConfig) -> None:
     """Cross-field checks the types alone cannot express."""
     from .methods import get_method  # the method validates its own options
+    from .models.factory import check_model_name
+
+    check_model_name(cfg.teacher.model, "teacher.model")
+    check_model_name(cfg.student.model, "student.model")
 
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or any(s <= 0 for s in cfg.data.std):
         raise UserError("mean and std need 3 values each (std > 0)", where="data.mean/data.std")

@@ -28,10 +28,6 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, *, until: str
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     ctx = RunContext(cfg, run_dir)
     last = STAGE_NAMES.index(until) if until else len(STAGES) - 1
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _io.write_text(run_dir / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
-        _io.write_text(run_dir / "config.sha256", config_hash(cfg) + "\n")
     for stage in STAGES[: last + 1]:
         key = stage.cache_key(ctx)
         cached = None if stage.name in force else stage.cached_manifest(ctx, key)
@@ -49,6 +45,9 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, *, until: str
             ctx.manifests[stage.name] = stage.write_manifest(ctx, key, result, time.perf_counter() - t0)
             print(f"✓ {stage.name}: done in {time.perf_counter() - t0:.1f}s")
         _sync_manifest(ctx, stage.name)
+    if ctx.is_main:  # the config that produced what the run directory now holds
+        _io.write_text(run_dir / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
+        _io.write_text(run_dir / "config.sha256", config_hash(cfg) + "\n")
     return ctx
 
 

@@ -43,11 +43,11 @@ def test_yaml_exponent_string_is_coerced_to_float(tmp_path):
 
 def test_overrides_are_typed_by_schema(tmp_path):
     cfg, _ = load_config(write(tmp_path, ""), ["distill.epochs=3", "data.source=npz:x.npz",
-                                                "student.model=123", "teacher.checkpoint=null",
+                                                "student.model=resnet20_cifar", "teacher.checkpoint=null", "seed=7",
                                                 "validate.batch_sizes=[1, 8]", "distill.lr=1e-3"])
     assert cfg.distill.epochs == 3 and isinstance(cfg.distill.epochs, int)
     assert cfg.data.source == "npz:x.npz"
-    assert cfg.student.model == "123"
+    assert cfg.student.model == "resnet20_cifar" and cfg.seed == 7
     assert cfg.teacher.checkpoint is None
     assert cfg.validate.batch_sizes == [1, 8]
     assert cfg.distill.lr == pytest.approx(1e-3)
@@ -102,3 +102,8 @@ def test_partial_teacher_schedule_keeps_training_off(tmp_path):
     # Setting only the teacher's lr must not silently switch on a 240-epoch training run.
     cfg, _ = load_config(write(tmp_path, "teacher:\n  train: {lr: 0.1}\n"))
     assert cfg.teacher.train.epochs == 0 and cfg.teacher.train.lr == pytest.approx(0.1)
+
+
+def test_unknown_model_is_caught_when_the_config_loads(tmp_path):
+    with pytest.raises(UserError, match=r"(?s)student\.model.*mobilenetv2_x0_5_cifar"):
+        load_config(write(tmp_path, "student:\n  model: mobilenetv2_x05_cifar\n"))

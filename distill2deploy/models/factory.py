@@ -48,8 +48,8 @@ def _checkpoint_key(role: str | None) -> str:
     return f"{role}.checkpoint" if role else "<teacher|student>.checkpoint"
 
 
-def _check_name(name: str) -> None:
-    """Unknown architecture or pretrained tag -> UserError with close matches."""
+def check_model_name(name: str, where: str = "model name") -> None:
+    """Unknown architecture or pretrained tag -> UserError with close matches (checked before any work)."""
     source, model_id = parse_model_name(name)
     if source:  # hf-hub:/local-dir: names are resolved (and validated) by timm itself
         return
@@ -58,7 +58,7 @@ def _check_name(name: str) -> None:
         hint = suggest(arch, timm.list_models())
         raise UserError(
             f"unknown model {name!r}",
-            where="model name",
+            where=where,
             fix=(hint + " " if hint else "")
             + "list the available names with timm.list_models('*pattern*'), "
             "e.g. timm.list_models('*_cifar') for the CIFAR-sized models",
@@ -68,7 +68,7 @@ def _check_name(name: str) -> None:
         if tag not in tags:
             raise UserError(
                 f"model {arch!r} has no pretrained tag {tag!r}",
-                where="model name",
+                where=where,
                 fix=(f"use one of {', '.join(repr(f'{arch}.{t}') for t in tags)}"
                      if tags else f"use {arch!r} without a tag"),
             )
@@ -124,7 +124,7 @@ def create_model(
         raise UserError(f"input_size must be a positive integer, got {input_size!r}",
                         where=f"{role}.input_size" if role else "input_size",
                         fix="set input_size to the resolution the model expects, e.g. 224, or remove it")
-    _check_name(name)
+    check_model_name(name, f"{role}.model" if role else "model name")
     download = bool(pretrained) and checkpoint is None
     if download:
         _check_pretrained_exists(name, role)
@@ -240,7 +240,8 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         else:
             fix = ("check that the model name is the architecture the checkpoint was trained with "
                    "(timm.list_models('*pattern*')) and that num_classes (or --num-classes) matches it")
-        raise UserError(f"{Path(path)} does not fit {type(target).__name__}: " + "; ".join(parts),
+        arch = (getattr(target, "pretrained_cfg", None) or {}).get("architecture") or type(target).__name__
+        raise UserError(f"{Path(path)} does not fit model {arch!r}: " + "; ".join(parts),
                         where="checkpoint", fix=fix)
     target.load_state_dict(sd, strict=True)
     return model

@@ -1,0 +1,504 @@
+"""Evidence of learning: every distillation method from the same teacher, for the same budget, on real data.
+
+The teacher is trained once with the pipeline's own teacher stage (from scratch, on CIFAR-10 as an
+ImageFolder through the ``folder:`` source); then every student method runs the full pipeline
+(distill -> export -> INT8 quantize -> validate in onnxruntime) from those same teacher weights,
+with the same seed, schedule and data. Each run is one ordinary pipeline config, written under
+``<out>/configs/`` and run as its own ``distill2deploy validate CONFIG --out RUN`` process, so every
+row of the table is reproducible with one command, a crash costs one run (it is retried once; the
+pipeline's stage cache resumes it), and rerunning this script reuses finished runs.
+
+Full scale on a GPU (the defaults: full CIFAR-10, ResNet-56 teacher, 240 epochs, standard protocol)::
+
+    python benchmarks/methods.py --tar ../shared/data/cifar10_jpeg.tar.gz
+
+A small budget on a CPU (what benchmarks/README.md reports)::
+
+    nice -n 5 python benchmarks/methods.py --preset cpu-small --tar ../shared/data/cifar10_jpeg.tar.gz
+
+Writes ``<out>/results.json``, ``<out>/results.md`` and ``<out>/methods.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
+CIFAR10_STD = [0.2470, 0.2435, 0.2616]
+DEFAULT_DATA_DIR = Path.home() / ".cache" / "distill2deploy" / "cifar10_jpeg"
+
+# name -> (registry method, the bundled config its options come from, changes to those options).
+# Options are the shipped pipelines/methods/mobilenet_<method>.yaml ones, so this benchmarks what users run.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ce": ("ce", {}),
+    "kd": ("kd", {}),
+    "dkd": ("dkd", {}),
+    # DML with the teacher as the peer: the same two networks as bidirectional ECKD, from the same weights.
+    "dml": ("dml", {"peers": ["teacher"]}),
+    # Classic DML: a from-scratch copy of the student as the peer (does not use the teacher).
+    "dml_classic": ("dml", {"peers": []}),
+    "fitnet": ("fitnet", {}),
+    "reviewkd": ("reviewkd", {}),
+    "multi_teacher": ("multi_teacher", {}),  # extra_teachers: the second teacher (set below)
+    "kd_ec": ("kd_ec", {}),
+    "eckd_r": ("eckd_r", {"bidirectional": True}),
+    "eckd_r_oneway": ("eckd_r", {"bidirectional": False}),
+    "eckd_f": ("eckd_f", {"bidirectional": True}),
+}
+DEFAULT_METHODS = ["ce", "kd", "dkd", "dml", "fitnet", "reviewkd", "multi_teacher", "kd_ec", "eckd_r",
+                   "eckd_r_oneway", "eckd_f"]
+DEFAULT_MULTI_SEED = ["ce", "kd", "eckd_r"]
+
+# Preset values fill every argument left unset on the command line.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The standard CIFAR protocol (CRD/DKD): 240 epochs, SGD 0.9, wd 5e-4, batch 64, x0.1 at 150/180/210.
+    "full": dict(teacher_model="resnet56_cifar", teacher_epochs=240, teacher_train_subset=None, teacher_lr=0.05,
+                 student_model="mobilenetv2_x0_5_cifar", epochs=240, train_subset=None, test_subset=None, lr=0.01,
+                 milestones=[0.625, 0.75, 0.875], batch_size=64, num_workers=2, calib_samples=512,
+                 validate_runs=200, validate_batch_sizes=[1, 64]),
+    # Two shared CPU cores, about an hour: ResNet-20 teacher on 10k images, students on 5k, 2k test images.
+    "cpu-small": dict(teacher_model="resnet20_cifar", teacher_epochs=15, teacher_train_subset=10000,
+                      teacher_lr=0.05, student_model="mobilenetv2_x0_5_cifar", epochs=8, train_subset=5000,
+                      test_subset=2000, lr=0.05, milestones=[0.75], batch_size=64, num_workers=0,
+                      calib_samples=256, validate_runs=20, validate_batch_sizes=[1]),
+    # End-to-end check of this script in a few minutes (numbers mean nothing).
+    "smoke": dict(teacher_model="resnet20_cifar", teacher_epochs=1, teacher_train_subset=500, teacher_lr=0.05,
+                  student_model="mobilenetv2_x0_5_cifar", epochs=1, train_subset=500, test_subset=500, lr=0.05,
+                  milestones=[0.75], batch_size=64, num_workers=0, calib_samples=64, validate_runs=5,
+                  validate_batch_sizes=[1]),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Unset options take the preset's value; see the module docstring.")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="full", help="budget preset (default: full)")
+    p.add_argument("--tar", type=Path, help="cifar10_jpeg.tar.gz: extracted once into --data-dir if that is empty")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                   help=f"ImageFolder with train/ and test/ (default {DEFAULT_DATA_DIR})")
+    p.add_argument("--out", type=Path, help="benchmark directory (default exports/benchmarks/methods/<preset>)")
+    p.add_argument("--methods", nargs="+", choices=list(VARIANTS), help=f"default: {' '.join(DEFAULT_METHODS)}")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                   help="student seeds; the first is used by every method, all by --multi-seed (default 0 1)")
+    p.add_argument("--multi-seed", nargs="*", choices=list(VARIANTS), default=DEFAULT_MULTI_SEED,
+                   help=f"methods run with every seed (default: {' '.join(DEFAULT_MULTI_SEED)})")
+    p.add_argument("--teacher-seed", type=int, default=0, help="seed of the teacher's training (default 0)")
+    p.add_argument("--second-teacher-seed", type=int, default=1,
+                   help="seed of multi_teacher's extra teacher, trained the same way (default 1)")
+    g = p.add_argument_group("schedule and data (default: the preset's)")
+    g.add_argument("--teacher-model")
+    g.add_argument("--teacher-epochs", type=int)
+    g.add_argument("--teacher-train-subset", type=_int_or_none, help="images ('all' for the whole train split)")
+    g.add_argument("--teacher-lr", type=float)
+    g.add_argument("--student-model")
+    g.add_argument("--epochs", type=int, help="student epochs")
+    g.add_argument("--train-subset", type=_int_or_none, help="student training images ('all' for every one)")
+    g.add_argument("--test-subset", type=_int_or_none, help="test images ('all' for every one)")
+    g.add_argument("--lr", type=float, help="student SGD learning rate")
+    g.add_argument("--milestones", type=float, nargs="+",
+                   help="fractions of the schedule at which lr is multiplied by 0.1 (teacher and students)")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--num-workers", type=int)
+    g.add_argument("--calib-samples", type=int, help="INT8 calibration images")
+    g.add_argument("--validate-runs", type=int, help="timed onnxruntime runs (latency is not the point here)")
+    g.add_argument("--validate-batch-sizes", type=int, nargs="+")
+    p.add_argument("--retries", type=int, default=1, help="reruns of a crashed run (cached stages resume)")
+    p.add_argument("--dry-run", action="store_true", help="write the configs and print the commands only")
+    p.add_argument("--report-only", action="store_true", help="tabulate the finished runs, train nothing")
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None and not _was_given(argv, key):
+            setattr(args, key, value)
+    args.methods = args.methods or list(DEFAULT_METHODS)
+    args.out = args.out or REPO / "exports" / "benchmarks" / "methods" / args.preset
+    return args
+
+
+def _int_or_none(text: str) -> int | None:
+    return None if text.lower() in ("all", "none", "null") else int(text)
+
+
+def _was_given(argv: list[str] | None, key: str) -> bool:
+    """``--train-subset all`` sets None on purpose: do not let the preset overwrite it."""
+    flag = "--" + key.replace("_", "-")
+    return any(a == flag or a.startswith(flag + "=") for a in (sys.argv[1:] if argv is None else argv))
+
+
+# ------------------------------------------------------------------------------------------ data
+def ensure_data(data_dir: Path, tar: Path | None) -> Path:
+    """The ImageFolder tree, extracted from ``tar`` once (into a temp dir, renamed when complete)."""
+    from distill2deploy._io import atomic_dir
+    from distill2deploy.errors import UserError
+
+    data_dir = data_dir.expanduser().resolve()
+    if (data_dir / "train").is_dir() and (data_dir / "test").is_dir():
+        return data_dir
+    if tar is None:
+        raise UserError(f"no ImageFolder at {data_dir}", where="--data-dir",
+                        fix="pass --tar ../shared/data/cifar10_jpeg.tar.gz to extract it there once")
+    if not tar.is_file():
+        raise UserError("file not found", where=f"--tar {tar}")
+    print(f"extracting {tar} -> {data_dir} (once)", flush=True)
+    with atomic_dir(data_dir) as tmp, tarfile.open(tar) as tf:
+        tf.extractall(tmp, filter="data")
+        if not ((tmp / "train").is_dir() and (tmp / "test").is_dir()):
+            raise UserError("the archive has no train/ and test/ at its top level", where=str(tar))
+    return data_dir
+
+
+# --------------------------------------------------------------------------------------- configs
+def _milestones(fractions: list[float], epochs: int) -> list[int]:
+    return sorted({max(1, round(f * epochs)) for f in fractions if round(f * epochs) < epochs}) if epochs > 1 else []
+
+
+def base_config(args: argparse.Namespace, data_dir: Path, seed: int) -> dict[str, Any]:
+    return {
+        "seed": seed,
+        "data": {"source": f"folder:{data_dir}", "subset": {"train": args.train_subset, "test": args.test_subset},
+                 "mean": CIFAR10_MEAN, "std": CIFAR10_STD, "num_workers": args.num_workers},
+        "teacher": {"model": args.teacher_model, "pretrained": False},
+        "student": {"model": args.student_model},
+        "quantize": {"calib_samples": args.calib_samples, "calib_batch_size": min(32, args.calib_samples)},
+        "validate": {"runs": args.validate_runs, "batch_sizes": args.validate_batch_sizes,
+                     "warmup": min(20, args.validate_runs)},
+    }
+
+
+def teacher_config(args: argparse.Namespace, data_dir: Path, seed: int) -> dict[str, Any]:
+    cfg = base_config(args, data_dir, seed)
+    cfg["name"] = f"teacher_s{seed}"
+    cfg["data"]["subset"]["train"] = args.teacher_train_subset
+    cfg["teacher"]["train"] = {"epochs": args.teacher_epochs, "lr": args.teacher_lr, "batch_size": args.batch_size,
+                               "milestones": _milestones(args.milestones, args.teacher_epochs)}
+    cfg["distill"] = {"method": "ce", "batch_size": args.batch_size}
+    return cfg
+
+
+def student_config(args: argparse.Namespace, data_dir: Path, variant: str, seed: int, teacher_pt: Path,
+                   second_teacher_pt: Path | None) -> dict[str, Any]:
+    from distill2deploy.config import bundled_pipelines
+
+    method, changes = VARIANTS[variant]
+    shipped = yaml.safe_load((bundled_pipelines() / "methods" / f"mobilenet_{method}.yaml").read_text())
+    options = copy.deepcopy(shipped["distill"].get("options") or {})
+    options.update(changes)
+    # Warm-ups keep the shipped configs' fraction of the schedule (e.g. 20 of 240 epochs).
+    if "warmup_epochs" in options:
+        options["warmup_epochs"] = round(options["warmup_epochs"] * args.epochs / shipped["distill"]["epochs"], 3)
+    if method == "multi_teacher":
+        options["extra_teachers"] = [{"model": args.teacher_model, "checkpoint": str(second_teacher_pt),
+                                      "pretrained": False}]
+    cfg = base_config(args, data_dir, seed)
+    cfg["name"] = f"{variant}_s{seed}"
+    cfg["teacher"].update(checkpoint=str(teacher_pt), train={"epochs": 0})
+    cfg["distill"] = {"method": method, "options": options, "epochs": args.epochs, "batch_size": args.batch_size,
+                      "lr": args.lr, "milestones": _milestones(args.milestones, args.epochs)}
+    return cfg
+
+
+# -------------------------------------------------------------------------------------- running
+@dataclass
+class Run:
+    name: str
+    kind: str  # "teacher" or a variant name
+    seed: int
+    config: Path
+    run_dir: Path
+    until: str
+    command: list[str] = field(default_factory=list)
+    status: str = "pending"
+    wall_seconds: float = 0.0
+
+
+def write_config(cfg: dict[str, Any], path: Path, check: bool = True) -> None:
+    from distill2deploy import _io
+    from distill2deploy.config import load_config
+
+    _io.write_text(path, yaml.safe_dump(cfg, sort_keys=False))
+    if check:
+        load_config(str(path))  # validate now (options, files), not minutes into the run
+
+
+def is_finished(run: Run) -> bool:
+    """Every stage up to ``until`` has a manifest and the run was made from this very config."""
+    from distill2deploy.config import config_hash, load_config
+
+    stamp = run.run_dir / "config.sha256"
+    if not (stamp.is_file() and (run.run_dir / run.until / "stage.json").is_file()):
+        return False
+    return stamp.read_text().strip() == config_hash(load_config(str(run.config))[0])
+
+
+def execute(run: Run, log_dir: Path, retries: int) -> None:
+    log = log_dir / f"{run.name}.log"
+    env = dict(os.environ, TQDM_MININTERVAL="30")  # a progress line every 30 s in the log, not every step
+    t0 = time.perf_counter()
+    for attempt in range(retries + 1):
+        if is_finished(run):
+            run.status = "cached" if attempt == 0 else "done"
+            break
+        with open(log, "a") as fh:
+            fh.write(f"\n$ {shlex.join(run.command)}  # attempt {attempt + 1}\n")
+            fh.flush()
+            rc = subprocess.run(run.command, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+        if rc == 0:
+            run.status = "done"
+            break
+        run.status = f"failed (exit {rc}, see {log})"
+        print(f"  {run.name}: exit {rc} on attempt {attempt + 1}, see {log}", flush=True)
+    run.wall_seconds = time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------- results
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _epoch_seconds(metrics: Path) -> float | None:
+    if not metrics.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    secs = [r["epoch_seconds"] for r in rows if "epoch_seconds" in r]
+    return statistics.median(secs) if secs else None
+
+
+def collect(run: Run) -> dict[str, Any]:
+    """One table row from the run's stage manifests (torch numbers) and validate.json (onnxruntime)."""
+    teacher = _json(run.run_dir / "teacher" / "stage.json").get("summary", {})
+    row: dict[str, Any] = {"run": run.name, "method": run.kind, "seed": run.seed, "status": run.status,
+                           "wall_seconds": round(run.wall_seconds, 1),
+                           "teacher_top1": teacher.get("test", {}).get("top1"),
+                           "test_images": teacher.get("test_images")}
+    if run.kind == "teacher":
+        row.update(epochs=teacher.get("trained_epochs"), train_seconds=teacher.get("train_seconds"),
+                   epoch_seconds=_epoch_seconds(run.run_dir / "teacher" / "metrics.jsonl"))
+        return row
+    distill = _json(run.run_dir / "distill" / "stage.json").get("summary", {})
+    models = _json(run.run_dir / "validate" / "validate.json").get("models", {})
+    top1 = {k: v["accuracy"]["top1"] for k, v in models.items()}
+    row.update(
+        registry_method=distill.get("method"), epochs=distill.get("epochs"),
+        # Networks trained alongside the student: a bidirectional teacher, DML peers.
+        teacher_after_top1=distill.get("teacher_top1"),
+        peers_after_top1={k[:-5]: v for k, v in distill.items() if k.endswith("_top1") and k not in
+                          ("test_top1", "best_top1", "teacher_top1")} or None,
+        student_torch_top1=distill.get("test_top1"), student_best_top1=distill.get("best_top1"),
+        teacher_ort_top1=top1.get("teacher"), student_fp32_top1=top1.get("student"),
+        student_int8_top1=top1.get("student.int8"),
+        int8_fp32_agreement=_json(run.run_dir / "validate" / "validate.json").get("agreement", {}).get(
+            "student.int8/student"),
+        train_seconds=distill.get("train_seconds"),
+        epoch_seconds=_epoch_seconds(run.run_dir / "distill" / "metrics.jsonl"))
+    return row
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}"
+
+
+def _secs(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1f}"
+
+
+def spread(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean, sample std and range over seeds, per method run with more than one seed."""
+    out: dict[str, dict[str, Any]] = {}
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "teacher"):
+        group = [r for r in rows if r["method"] == method and r.get("student_fp32_top1") is not None]
+        if len(group) < 2:
+            continue
+        stats = {"seeds": [r["seed"] for r in group]}
+        for key in ("student_fp32_top1", "student_int8_top1", "teacher_after_top1"):
+            vals = [r[key] for r in group if r.get(key) is not None]
+            if len(vals) >= 2:
+                stats[key] = {"mean": statistics.mean(vals), "std": statistics.stdev(vals), "min": min(vals),
+                              "max": max(vals), "values": vals}
+        out[method] = stats
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], spreads: dict[str, dict[str, Any]], teachers: list[dict[str, Any]]) -> str:
+    lines = ["| method | seed | teacher top-1 | teacher after | student fp32 (ORT) | student INT8 (ORT) "
+             "| INT8 − fp32 | s/epoch | status |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        after = r.get("teacher_after_top1")
+        if after is None and r.get("peers_after_top1"):
+            after = next(iter(r["peers_after_top1"].values()))
+        delta = (None if r.get("student_int8_top1") is None or r.get("student_fp32_top1") is None
+                 else r["student_int8_top1"] - r["student_fp32_top1"])
+        lines.append(f"| {r['method']} | {r['seed']} | {_pct(r.get('teacher_top1'))} | {_pct(after)} "
+                     f"| {_pct(r.get('student_fp32_top1'))} | {_pct(r.get('student_int8_top1'))} "
+                     f"| {'—' if delta is None else f'{100 * delta:+.2f}'} "
+                     f"| {_secs(r.get('epoch_seconds'))} | {r['status']} |")
+    if spreads:
+        lines += ["", "| method (seeds) | student fp32: mean ± std [min, max] | student INT8: mean ± std [min, max] |",
+                  "|---|---|---|"]
+        for m, s in spreads.items():
+            cells = []
+            for key in ("student_fp32_top1", "student_int8_top1"):
+                v = s.get(key)
+                cells.append("—" if v is None else f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f} "
+                             f"[{100 * v['min']:.2f}, {100 * v['max']:.2f}]")
+            lines.append(f"| {m} ({', '.join(map(str, s['seeds']))}) | {cells[0]} | {cells[1]} |")
+    if teachers:
+        lines += ["", "| teacher run | seed | epochs | top-1 (its own test subset) | s/epoch |", "|---|---|---|---|---|"]
+        for t in teachers:
+            lines.append(f"| {t['run']} | {t['seed']} | {t.get('epochs')} | {_pct(t.get('teacher_top1'))} "
+                         f"| {_secs(t.get('epoch_seconds'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = list(dict.fromkeys(r["method"] for r in rows if r.get("student_fp32_top1") is not None))
+    if not methods:
+        return
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(methods) + 2), 4.2))
+    x = np.arange(len(methods))
+    for off, key, label in ((-0.2, "student_fp32_top1", "student fp32 (ORT)"),
+                            (0.2, "student_int8_top1", "student INT8 (ORT)")):
+        vals = [[100 * r[key] for r in rows if r["method"] == m and r.get(key) is not None] for m in methods]
+        means = [np.mean(v) if v else np.nan for v in vals]
+        lo = [m - min(v) if v else 0 for m, v in zip(means, vals)]
+        hi = [max(v) - m if v else 0 for m, v in zip(means, vals)]
+        ax.bar(x + off, means, 0.4, yerr=[lo, hi], capsize=3, label=label)
+        for xi, v in zip(x, vals):  # every seed as a dot
+            ax.scatter([xi + off] * len(v), v, color="k", s=8, zorder=3)
+    t = [100 * r["teacher_top1"] for r in rows if r.get("teacher_top1") is not None and r["seed"] == rows[0]["seed"]]
+    if t:
+        ax.axhline(t[0], color="gray", ls="--", lw=1, label=f"teacher {t[0]:.2f}%")
+    allv = [100 * r[k] for r in rows for k in ("student_fp32_top1", "student_int8_top1") if r.get(k) is not None]
+    ax.set_ylim(max(0.0, min(allv) - 5), min(100.0, max(allv + t) + 3))
+    ax.set_xticks(x, methods, rotation=30, ha="right")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    from distill2deploy.errors import UserError
+
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    try:
+        data_dir = ensure_data(args.data_dir, args.tar)
+    except UserError as e:
+        print(f"error: {e.format()}", file=sys.stderr)
+        return 2
+    out = args.out.resolve()
+    cfg_dir, log_dir, runs_dir = out / "configs", out / "logs", out / "runs"
+    for d in (cfg_dir, log_dir, runs_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    py = [sys.executable, "-m", "distill2deploy"]
+
+    def make_run(name: str, kind: str, seed: int, cfg: dict[str, Any], until: str) -> Run:
+        path, run_dir = cfg_dir / f"{name}.yaml", runs_dir / name
+        write_config(cfg, path)
+        return Run(name, kind, seed, path, run_dir, until, [*py, until, str(path), "--out", str(run_dir)])
+
+    teacher_runs = [make_run(f"teacher_s{args.teacher_seed}", "teacher", args.teacher_seed,
+                             teacher_config(args, data_dir, args.teacher_seed), "teacher")]
+    teacher_pt = teacher_runs[0].run_dir / "teacher" / "teacher.pt"
+    second_pt = None
+    if "multi_teacher" in args.methods:
+        s2 = args.second_teacher_seed
+        teacher_runs.append(make_run(f"teacher_s{s2}", "teacher", s2, teacher_config(args, data_dir, s2), "teacher"))
+        second_pt = teacher_runs[1].run_dir / "teacher" / "teacher.pt"
+    # Seed 1 of each method first, so an interrupted benchmark still has one row per method.
+    plan = [(m, args.seeds[0]) for m in args.methods]
+    plan += [(m, s) for s in args.seeds[1:] for m in args.methods if m in args.multi_seed]
+    command = shlex.join([Path(sys.executable).name, *(sys.argv if argv is None else ["benchmarks/methods.py", *argv])])
+    print(f"benchmark: {command}\nout: {out}\ndata: {data_dir}", flush=True)
+
+    def student_run(variant: str, seed: int) -> Run:
+        cfg = student_config(args, data_dir, variant, seed, teacher_pt, second_pt)
+        return make_run(f"{variant}_s{seed}", variant, seed, cfg, "validate")
+
+    if args.dry_run:  # configs are written; a student config is validated once its teachers exist
+        for r in teacher_runs:
+            print(shlex.join(r.command))
+        for variant, seed in plan:
+            cfg = student_config(args, data_dir, variant, seed, teacher_pt, second_pt)
+            path = cfg_dir / f"{variant}_s{seed}.yaml"
+            write_config(cfg, path, check=teacher_pt.is_file() and (second_pt is None or second_pt.is_file()))
+            print(shlex.join([*py, "validate", str(path), "--out", str(runs_dir / f"{variant}_s{seed}")]))
+        return 0
+
+    done: list[Run] = []
+    for r in teacher_runs:
+        if not args.report_only:
+            print(f"▶ {r.name}", flush=True)
+            execute(r, log_dir, args.retries)
+        else:
+            r.status = "cached" if is_finished(r) else "missing"
+        print(f"  {r.name}: {r.status} ({r.wall_seconds:.0f} s)", flush=True)
+        done.append(r)
+    if not teacher_pt.is_file():
+        print(f"error: the teacher did not finish; see {log_dir / teacher_runs[0].name}.log", file=sys.stderr)
+        return 1
+    if second_pt is not None and not second_pt.is_file():
+        print("multi_teacher skipped: its second teacher did not finish", flush=True)
+        plan = [(m, s) for m, s in plan if m != "multi_teacher"]
+    for variant, seed in plan:
+        r = student_run(variant, seed)
+        if args.report_only:
+            r.status = "cached" if is_finished(r) else "missing"
+        else:
+            print(f"▶ {r.name}", flush=True)
+            execute(r, log_dir, args.retries)
+        row = collect(r)
+        print(f"  {r.name}: {r.status} ({r.wall_seconds:.0f} s) fp32 {_pct(row.get('student_fp32_top1'))} "
+              f"int8 {_pct(row.get('student_int8_top1'))} s/epoch {row.get('epoch_seconds') or 0:.1f}", flush=True)
+        done.append(r)
+
+    rows = [collect(r) for r in done]
+    teachers = [r for r in rows if r["method"] == "teacher"]
+    students = [r for r in rows if r["method"] != "teacher"]
+    spreads = spread(students)
+    table = markdown(students, spreads, teachers)
+    wall = time.perf_counter() - t_start
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    title = (f"{args.student_model} students on CIFAR-10 ({args.train_subset or 'all'} train imgs, {args.epochs} ep); "
+             f"{args.teacher_model} teacher ({args.teacher_train_subset or 'all'} imgs, {args.teacher_epochs} ep); "
+             f"{args.test_subset or 'all'} test imgs")
+    header = (f"# distill2deploy methods benchmark ({args.preset})\n\n`{command}`\n\n{title}. "
+              f"Wall time of this invocation: {wall / 60:.1f} min.\n\n")
+    from distill2deploy import _io
+
+    _io.write_text(out / "results.md", header + table)
+    _io.write_json(out / "results.json", {"command": command, "settings": settings, "data_dir": str(data_dir),
+                                          "wall_seconds": round(wall, 1), "runs": students, "teachers": teachers,
+                                          "spread": spreads,
+                                          "commands": {r.name: shlex.join(r.command) for r in done}})
+    plot(students, out / "methods.png", title)
+    print("\n" + table)
+    print(f"wall time {wall / 60:.1f} min; wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'methods.png'}")
+    return 0 if all(r.status in ("done", "cached") for r in done) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
