@@ -32,12 +32,15 @@ class SubsetConfig:
 class AugmentConfig:
     crop_padding: int = doc(4, "random crop to input_size after zero-padding this many pixels (0 disables)")
     hflip: bool = doc(True, "random horizontal flip")
+    on_device: bool = doc(False, "crop, flip and normalise whole batches on the training device (the loader only "
+                          "gathers uint8 images, no per-sample Python): use it on GPUs, where per-sample CPU "
+                          "transforms can leave the GPU waiting")
 
 
 @dataclass
 class DataConfig:
     source: str = doc("cifar100", "'cifar100', 'npz:PATH' or 'folder:PATH' (ImageFolder with train/ and test/ or val/)")
-    root: str | None = doc(None, "where 'cifar100' is stored/downloaded; default $D2D_DATA or ~/.cache/distill2deploy/data")
+    root: str | None = doc(None, "where 'cifar100' is stored/downloaded and decoded 'folder:' sources are cached; default $D2D_DATA or ~/.cache/distill2deploy/data")
     download: bool = doc(True, "allow downloading 'cifar100' when it is not under root")
     subset: SubsetConfig = doc(SubsetConfig(), "stratified subsets for quick runs")
     input_size: int = doc(32, "side of the square input the student sees (images are resized if they differ)")
@@ -90,6 +93,13 @@ class DistillConfig(ScheduleConfig):
     mixed_precision: Literal["no", "fp16", "bf16"] = doc("no", "Accelerate mixed precision")
     gradient_accumulation_steps: int = doc(1, "Accelerate gradient accumulation")
     checkpoint_every_steps: int = doc(0, "also checkpoint every N optimizer steps inside an epoch (0: end of epoch only)")
+    channels_last: bool = doc(False, "train (and run the frozen teachers) in channels_last memory format: faster "
+                              "convolutions on GPUs with tensor cores")
+    compile: bool = doc(False, "torch.compile the networks of the training step (the first steps are slow while "
+                        "compiling; needs a C++ compiler on CPU)")
+    deterministic: bool = doc(False, "torch.use_deterministic_algorithms (warn-only where an op has no deterministic "
+                              "kernel); on CPU a resumed run already ends with bitwise the weights of an "
+                              "uninterrupted one, this extends it to GPUs as far as the kernels allow")
     lr: float = doc(0.01, "initial SGD learning rate (0.01 for MobileNetV2/ShuffleNet students in the standard protocol)")
 
 

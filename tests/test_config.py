@@ -107,3 +107,17 @@ def test_partial_teacher_schedule_keeps_training_off(tmp_path):
 def test_unknown_model_is_caught_when_the_config_loads(tmp_path):
     with pytest.raises(UserError, match=r"(?s)student\.model.*mobilenetv2_x0_5_cifar"):
         load_config(write(tmp_path, "student:\n  model: mobilenetv2_x05_cifar\n"))
+
+
+def test_readme_documents_every_key_and_method_option():
+    from distill2deploy._schema import describe
+    from distill2deploy.methods import get_method, list_methods
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [k for k, *_ in describe(PipelineConfig) if f"`{k}`" not in readme]
+    for m in list_methods():
+        section = readme.split(f"#### `{m}`", 1)
+        assert len(section) == 2, f"README has no options section for method {m}"
+        body = section[1].split("####", 1)[0]
+        missing += [f"{m}.{k}" for k, *_ in describe(get_method(m).Options) if f"`{k}`" not in body]
+    assert not missing, f"README's config reference lacks: {missing}"
