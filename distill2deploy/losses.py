@@ -70,6 +70,11 @@ def _row_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=1)
 
 
+def _masked_batch_sum(per_sample: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum_i m_i * x_i without a host sync; unselected rows contribute exactly 0, gradient included."""
+    return torch.where(mask, per_sample, 0.0).sum()
+
+
 def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "none":
         return per_sample
@@ -164,15 +169,17 @@ def ec_loss(source_logits: torch.Tensor, target_logits: torch.Tensor, mask: torc
                            = 0 = m_i * KL(p || q)                if m_i = 0   (every term is 0 log 0/0)
 
     so sum_i KL(m_i p[i] || m_i q[i]) = sum_i m_i KL(p[i] || q[i]) (``tests/test_losses.py`` checks
-    it). Here the masked rows are *selected* before the KL instead of multiplied by 0 afterwards:
-    with an empty mask the loss is exactly 0 and the gradient exactly 0, even if an unselected row
-    had an infinite KL (0 * inf would be NaN). The divisor stays the full batch size B.
+    it). The masked rows are *chosen* with ``torch.where`` instead of multiplied by 0: with an empty
+    mask the loss is exactly 0 and the gradient exactly 0, even if an unselected row had an
+    infinite KL (0 * inf would be NaN). Boolean indexing would do the same but needs the number of
+    selected rows on the host, a device sync per call (ECKD-R makes 2 calls per level per step).
+    The divisor stays the full batch size B.
     """
     _check_temperature(temperature, "ec_loss")
     _check_logits_pair(source_logits, target_logits, "ec_loss")
     _check_mask(mask, source_logits.shape[0], "ec_loss")
-    per_sample = kl_div_tempered(source_logits[mask], target_logits[mask], temperature, reduction="none")
-    return per_sample.sum() / source_logits.shape[0]
+    per_sample = kl_div_tempered(source_logits, target_logits, temperature, reduction="none")
+    return _masked_batch_sum(per_sample, mask) / source_logits.shape[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,13 +202,17 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     batch, classes = student_logits.shape
     if classes < 2:
         raise ValueError(f"dkd_terms: DKD needs at least 2 classes, got {classes}")
-    is_target = F.one_hot(labels.long(), classes).bool()
+    # Column indices by arithmetic, not a boolean mask: F.one_hot checks the label range and
+    # boolean indexing counts the selected entries, and both wait for the device to do so.
+    target_idx = labels.long().unsqueeze(1)                                       # [B, 1]
+    others = torch.arange(classes - 1, device=labels.device).expand(batch, -1)    # [B, C-1]
+    non_target_idx = others + (others >= target_idx).long()                      # skips the target column
 
     def split(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = logits / temperature
-        non_target = z[~is_target].view(batch, classes - 1)
+        non_target = z.gather(1, non_target_idx)
         log_all = torch.logsumexp(z, dim=1, keepdim=True)
-        log_binary = torch.cat([z[is_target].view(batch, 1),
+        log_binary = torch.cat([z.gather(1, target_idx),
                                 torch.logsumexp(non_target, dim=1, keepdim=True)], dim=1) - log_all
         return log_binary, F.log_softmax(non_target, dim=1)
 
@@ -339,11 +350,12 @@ def masked_feature_loss(source_feat: torch.Tensor, target_feat: torch.Tensor,
                         mask: torch.Tensor) -> torch.Tensor:
     """ECKD-F: sum_i m_i * MSE_i(target, source) / B, source detached, gradient into target only.
 
-    Rows are selected before the loss for the same reason as in :func:`ec_loss`.
+    Rows are chosen with ``torch.where`` for the same reasons as in :func:`ec_loss`.
     """
     _check_feature_pair(source_feat, target_feat, "masked_feature_loss")
     _check_mask(mask, source_feat.shape[0], "masked_feature_loss")
-    return feature_loss_per_sample(target_feat[mask], source_feat.detach()[mask]).sum() / source_feat.shape[0]
+    per_sample = feature_loss_per_sample(target_feat, source_feat.detach())
+    return _masked_batch_sum(per_sample, mask) / source_feat.shape[0]
 
 
 def hcl_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor],

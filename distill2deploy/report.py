@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -64,23 +67,55 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_training_curves(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Loss and accuracy per epoch: what a person checks first when a run looks wrong."""
-    import matplotlib
+# Per-epoch keys under ``train_`` that are not loss terms: accuracy, counts, and the right/wrong
+# fractions (final level ``trsw``..., level k ``l<k>_trsw``...), which are in [0, 1] and would
+# share the loss axis otherwise.
+_NOT_LOSSES = frozenset({"train_top1", "train_images"})
+_MASK_KEYS = ("trsr", "trsw", "twsr", "twsw")
+_MASK_FRACTION = re.compile(r"^train_(?:l\d+_)?(?:" + "|".join(_MASK_KEYS) + ")$")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def loss_keys(keys: Iterable[str]) -> list[str]:
+    """The per-epoch keys that are training loss terms, sorted (the loss panel's curves)."""
+    return sorted(k for k in keys if k.startswith("train_") and k not in _NOT_LOSSES and not _MASK_FRACTION.match(k))
+
+
+def _series(metrics: list[dict[str, Any]], key: str, scale: float = 1.0) -> list[float]:
+    return [scale * r[key] if isinstance(r.get(key), (int, float)) else math.nan for r in metrics]
+
+
+def plot_training_curves(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Loss terms, top-1 and (where logged) the final-level right/wrong fractions per epoch: what a
+    person checks first when a run looks wrong.
+
+    Uses the object-oriented Agg API (no pyplot), like :mod:`~distill2deploy.deploy.plots`, so it
+    neither switches a caller's matplotlib backend nor leaves global figure state behind.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in metrics]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in sorted({k for r in metrics for k in r if k.startswith("train_") and k != "train_top1"}):
-        ax1.plot(epochs, [r.get(key) for r in metrics], label=key.removeprefix("train_"))
-    ax1.set_xlabel("epoch"), ax1.set_ylabel("training loss"), ax1.legend(fontsize=7)
-    for key in sorted({k for r in metrics for k in r if k.endswith("top1")}):
-        ax2.plot(epochs, [100 * r[key] if r.get(key) is not None else None for r in metrics], label=key)
-    ax2.set_xlabel("epoch"), ax2.set_ylabel("top-1 %"), ax2.legend(fontsize=7)
+    style = {"marker": "o", "markersize": 3} if len(epochs) <= 10 else {}  # one epoch: a point, not a line
+    keys = sorted({k for r in metrics for k in r})
+    mask_keys = [f"train_{k}" for k in _MASK_KEYS if f"train_{k}" in keys]
+    fig = Figure(figsize=(15 if mask_keys else 10, 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3 if mask_keys else 2)
+    for key in loss_keys(keys):
+        axes[0].plot(epochs, _series(metrics, key), label=key.removeprefix("train_"), **style)
+    axes[0].set_xlabel("epoch"), axes[0].set_ylabel("training loss term"), axes[0].legend(fontsize=7)
+    for key in [k for k in keys if k.endswith("top1")]:
+        axes[1].plot(epochs, _series(metrics, key, 100.0), label=key, **style)
+    axes[1].set_xlabel("epoch"), axes[1].set_ylabel("top-1 %"), axes[1].legend(fontsize=7)
+    if mask_keys:
+        for key in mask_keys:
+            axes[2].plot(epochs, _series(metrics, key, 100.0), label=key.removeprefix("train_"), **style)
+        axes[2].set_xlabel("epoch"), axes[2].set_ylabel("% of training samples (final level)")
+        axes[2].legend(fontsize=7)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     with _io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)

@@ -93,6 +93,19 @@ def is_submodule(method: nn.Module, net: nn.Module) -> bool:
     return any(m is net for m in method.modules())
 
 
+# ---------------------------------------------------------------------------------------------- KD
+def test_kd_logs_the_final_level_fractions_and_checks_numbers():
+    method, teacher, student = make("kd")
+    out = step(method)
+    assert_logs(out, {"ce", "kd"} | MASK_KEYS)  # like every method with a teacher
+    assert_trained(student, "student")
+    assert_no_grad(teacher, "frozen teacher")
+    for bad in ({"kd_weight": -1.0}, {"temperature": 0.0}, {"ce_weight": float("nan")}):
+        with pytest.raises(UserError) as e:
+            get_method("kd").parse_options(bad)
+        assert e.value.where == f"distill.options.{next(iter(bad))}"
+
+
 # --------------------------------------------------------------------------------------------- DKD
 def test_dkd_loss_grads_and_logs():
     method, teacher, student = make("dkd")
@@ -273,6 +286,24 @@ def test_reviewkd_shapes_on_two_pairs(student, s_channels):
     assert [f.shape[1] for f in feats] == s_channels[:3]
     assert [tuple(t.shape) for t in targets] == [(2, 16, 32, 32), (2, 32, 16, 16), (2, 64, 8, 8), (2, 64, 1, 1)]
     assert [r.shape for r in reviewed] == [t.shape for t in targets]
+
+
+def test_reviewkd_rejects_a_zero_fusion_width():
+    with pytest.raises(UserError) as e:
+        get_method("reviewkd").parse_options({"max_mid_channels": 0})
+    assert e.value.where == "distill.options.max_mid_channels"
+
+
+def test_default_levels_use_every_stage_of_timm_models():
+    """The thesis's MobileNetV2 stages (2, 3, 5, 7) belong to the CIFAR MobileNetV2s only: timm's
+    ImageNet mobilenetv2_100 has 4 stages, and its deepest must be paired too."""
+    from distill2deploy.methods._levels import default_levels
+
+    teacher = timm.create_model("resnet56_cifar", num_classes=NUM_CLASSES)
+    assert default_levels(teacher, timm.create_model("mobilenetv2_x0_5_cifar", num_classes=NUM_CLASSES)) == [
+        (1, 3), (2, 5), (3, 7)]
+    assert default_levels(teacher, timm.create_model("mobilenetv2_100", num_classes=NUM_CLASSES)) == [
+        (1, 2), (2, 3), (3, 4)]
 
 
 def test_reviewkd_levels_must_go_deeper():

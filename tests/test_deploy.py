@@ -376,6 +376,26 @@ def test_validate_models_report(exported, quantized, tmp_path):
         validate_models([_foreign_model(tmp_path / "f.onnx")], images, labels, progress=False)
 
 
+def test_training_curves_keep_fractions_and_counts_off_the_loss_axis(tmp_path):
+    import matplotlib
+
+    from distill2deploy.report import loss_keys, plot_training_curves
+
+    rows = [{"epoch": e, "lr": 0.1, "train_top1": 0.1 * e, "train_ce": 3.0 / e, "train_kd": 1.0, "train_ec": 0.2,
+             "train_images": 50000, "train_trsr": 0.5, "train_trsw": 0.2, "train_twsr": 0.1, "train_twsw": 0.2,
+             "train_l2_trsw": 0.3, "test_top1": 0.2, "test_teacher_top1": None if e == 1 else 0.6}
+            for e in (1, 2)]
+    assert loss_keys(rows[0]) == ["train_ce", "train_ec", "train_kd"]
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # a caller's non-Agg backend: a library call must not switch it
+    try:
+        plot_training_curves(rows, tmp_path / "curves.png", "run")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(backend)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # ---------------------------------------------------------------- real weights
 @pytest.mark.skipif(not (SHARED / "weights" / "cifar100_resnet56.pth").exists(),
                     reason=f"real weights not found under {SHARED}")

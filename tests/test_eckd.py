@@ -130,6 +130,17 @@ def test_bidirectional_ec_gradients_follow_the_masks():
     assert {id(p) for p in teacher.parameters()} <= {id(p) for p in specs["teacher"].params}
 
 
+def test_bidirectional_trains_a_teacher_handed_over_frozen():
+    teacher, student = _nets()
+    teacher.eval().requires_grad_(False)  # e.g. straight from an evaluation script
+    method, _ = _build("eckd_r", {}, teacher, student)
+    assert all(p.requires_grad for p in method.optimizers(0.1)["teacher"].params)
+    method.train()
+    x, y = _batch()
+    method(x, y, [], 0.0).loss.backward()
+    assert all(p.grad is not None for p in teacher.parameters())
+
+
 def test_no_teacher_right_sample_means_zero_student_ec():
     t, s = _two_mobilenets()
     method, _ = _build("eckd_r", {"levels": [[5, 5], [7, 7]]}, t, s)

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from distill2deploy import losses as L
 from distill2deploy.errors import UserError
@@ -407,3 +408,39 @@ def test_hcl_equal_features_is_zero_and_bad_input_rejected():
         L.hcl_loss([f, f], [f])
     with pytest.raises(ValueError, match="same shape"):
         L.hcl_loss([f], [f[:, :2]])
+
+
+# ---------------------------------------------------------------------------- no host syncs
+
+# aten ops that make the host wait for the device (on a GPU) to learn a value or a size.
+_SYNC_OPS = {"aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select", "aten::is_nonzero"}
+
+
+class _SyncSpy(TorchDispatchMode):
+    """Records every op (forward and backward) that would sync, including boolean-mask indexing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        bool_index = name in ("aten::index", "aten::index_put", "aten::index_put_") and any(
+            i is not None and i.dtype == torch.bool for i in args[1])
+        if name in _SYNC_OPS or bool_index:
+            self.hits.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_per_step_losses_need_no_host_sync():
+    """The masked losses and DKD run every step (ECKD: per level and direction), so none of them may
+    make the host wait for the GPU; the spy sees the same aten ops on CPU."""
+    teacher, student = t(LOGITS_A), t(LOGITS_B).requires_grad_()
+    labels, mask = torch.tensor(LABELS), torch.tensor([True, False, True])
+    feats = torch.randn(3, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    with _SyncSpy() as spy:
+        loss = (L.ec_loss(teacher, student, mask, 4.0) + L.dkd_loss(student, teacher, labels)
+                + L.masked_feature_loss(feats.detach() + 1, feats, mask)
+                + sum(L.mask_fractions(L.error_masks(teacher, student, labels)).values()))
+        loss.backward()
+    assert spy.hits == []

@@ -218,6 +218,12 @@ def test_bad_model_option_is_a_user_error() -> None:
         create_model("resnet20_cifar", num_classes=100, depthh=20)
     with pytest.raises(UserError, match="num_classes"):
         create_model("resnet20_cifar", num_classes=0)
+    # a value the constructor rejects names the config key, not a ValueError traceback
+    with pytest.raises(UserError, match="6n\\+2") as e:
+        create_model("resnet20_cifar", num_classes=100, role="student", depth=21)
+    assert e.value.where == "student.model_kwargs"
+    with pytest.raises(UserError, match="vgg13"):
+        create_model("vgg13_bn_cifar", num_classes=100, role="teacher", cfg="vgg14")
 
 
 # --- checkpoints ------------------------------------------------------------------------------

@@ -99,4 +99,4 @@ def validate_models(
             for bs in models[key]["latency_ms"]
         }
     return {"models": models, "agreement": pairs, "latency_ratio": latency_ratio,
-            "settings": {"batch_sizes": list(batch_sizes), **lat["settings"]}}
+            "settings": {"batch_sizes": list(batch_sizes), **lats[0]["settings"]}}

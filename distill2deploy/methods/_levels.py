@@ -1,21 +1,70 @@
-"""Levels: paired intermediate stages of teacher and student, and the small modules built on them.
+"""What the methods share: option range checks, final-level diagnostics, and *levels*.
 
-Auxiliary heads and adapters are sized from the features' real shapes (one dry forward pass),
-never hard-coded per architecture, so any timm model with ``forward_intermediates`` (or
-``feature_info`` for hooks) can take part.
+A level is a pair of intermediate stages of teacher and student. Auxiliary heads and adapters on
+levels are sized from the features' real shapes (one dry forward pass), never hard-coded per
+architecture, so any timm model with ``forward_intermediates`` (or ``feature_info`` for hooks) can
+take part.
 """
 from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from timm.layers import ClassifierHead
-from torch import nn
+from torch import Tensor, nn
 
+from .. import losses
 from ..errors import UserError
 from ..models.factory import ResizeInput, extract, stage_count
 
-# The ECKD thesis's student stages per family (teacher stages are 1..n). See docs/methods.md.
-_STUDENT_STAGES = {"mobilenetv2": [2, 3, 5, 7]}
+T = TypeVar("T")
+
+
+def check_numbers(options: Any, where: str = "distill.options",
+                  positive: Iterable[str] = ("temperature",)) -> Any:
+    """Range checks the option types cannot express, run when the config is loaded.
+
+    Every number (weights, warm-up epochs, ...) must be finite and ``>= 0``, where 0 switches a
+    term off; the fields named in ``positive`` (a temperature, a learning rate) must be ``> 0``.
+    ``None`` means "use the default" and is not checked. Returns ``options`` for chaining.
+    """
+    strict = set(positive)
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        is_positive = f.name in strict
+        if not math.isfinite(value) or value < 0 or (is_positive and value == 0):
+            if f.name == "temperature":
+                fix = "use a positive temperature (4 is the usual CIFAR-100 choice)"
+            elif is_positive:
+                fix = "use a positive value"
+            else:
+                fix = "use 0 to disable the term, or a positive value"
+            raise UserError(f"{f.name} must be a finite number {'> 0' if is_positive else '>= 0'}, got {value!r}",
+                            where=f"{where}.{f.name}", fix=fix)
+    return options
+
+
+def mask_logs(masks: losses.ErrorMasks, prefix: str = "") -> dict[str, Tensor]:
+    """``{prefix}trsr``... fractions (detached 0-d tensors, no host sync)."""
+    return {f"{prefix}{k}": v for k, v in losses.mask_fractions(masks).items()}
+
+
+def teacher_diagnostics(teacher_logits: Tensor, student_logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """The TRSR/TRSW/TWSR/TWSW fractions at the final level, which every method with a teacher logs
+    so that runs of different methods can be compared on how often the student fixes or repeats the
+    teacher's mistakes."""
+    return mask_logs(losses.error_masks(teacher_logits, student_logits, labels))
+
+
+# The ECKD thesis's student stages of the CIFAR MobileNetV2s (teacher stages are 1..n). See
+# docs/methods.md. Keyed by exact name: timm's ImageNet mobilenetv2_* have other stages.
+_THESIS_STAGES = {"mobilenetv2_x0_5_cifar": [2, 3, 5, 7], "mobilenetv2_x1_0_cifar": [2, 3, 5, 7]}
 
 
 def architecture(model: nn.Module) -> str:
@@ -28,11 +77,9 @@ def architecture(model: nn.Module) -> str:
 
 def default_stages(model: nn.Module) -> list[int]:
     """Stage indices (timm ``feature_info`` order, 0 = stem) used as levels by default."""
-    arch = architecture(model)
-    for family, stages in _STUDENT_STAGES.items():
-        if arch.startswith(family):
-            return [s for s in stages if s <= stage_count(model)]
-    return list(range(1, stage_count(model) + 1))
+    n = stage_count(model)
+    stages = _THESIS_STAGES.get(architecture(model))
+    return [s for s in stages if s <= n] if stages else list(range(1, n + 1))
 
 
 def default_levels(teacher: nn.Module, student: nn.Module) -> list[tuple[int, int]]:
@@ -43,6 +90,8 @@ def default_levels(teacher: nn.Module, student: nn.Module) -> list[tuple[int, in
 
 
 def check_levels(levels: list[list[int]], teacher: nn.Module, student: nn.Module) -> list[tuple[int, int]]:
+    """Configured ``[[teacher_stage, student_stage], ...]`` as tuples; a stage that either network
+    lacks is a UserError naming the pair's key (before anything is built on it)."""
     nt, ns = stage_count(teacher), stage_count(student)
     out = []
     for i, pair in enumerate(levels):
@@ -56,16 +105,25 @@ def check_levels(levels: list[list[int]], teacher: nn.Module, student: nn.Module
 
 
 @torch.no_grad()
-def feature_shapes(model: nn.Module, indices: list[int], input_size: int) -> list[torch.Size]:
-    """Per-sample shapes ``(C, H, W)`` of the features at ``indices`` (one dry run, mode restored)."""
+def dry_run(model: nn.Module, input_size: int, fn: Callable[[nn.Module, Tensor], T]) -> T:
+    """``fn(model, zeros)`` on a 2-image batch, once, at build time, to learn shapes.
+
+    Runs in eval mode so the BN running statistics never see the zero images (the mode is
+    restored afterwards), on the model's own device and dtype.
+    """
     was_training = model.training
     model.eval()
     try:
         param = next(model.parameters())
         x = torch.zeros(2, 3, input_size, input_size, device=param.device, dtype=param.dtype)
-        _, feats = extract(model, x, indices)
+        return fn(model, x)
     finally:
         model.train(was_training)
+
+
+def feature_shapes(model: nn.Module, indices: list[int], input_size: int) -> list[torch.Size]:
+    """Per-sample shapes ``(C, H, W)`` of the features at ``indices``."""
+    feats = dry_run(model, input_size, lambda m, x: extract(m, x, indices)[1])
     return [f.shape[1:] for f in feats]
 
 

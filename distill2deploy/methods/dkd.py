@@ -11,8 +11,6 @@ beta: the paper uses 8 for its confident teachers (ResNet32x4) and 2 for ResNet-
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +19,8 @@ from torch import Tensor
 
 from .. import losses
 from .._schema import doc
-from ..errors import UserError
 from ._base import DistillMethod, StepOutput, TeacherOutput
+from ._levels import check_numbers, teacher_diagnostics
 from ._registry import register_method
 
 
@@ -36,21 +34,6 @@ class DKDOptions:
     warmup_epochs: float = doc(20.0, "epochs of linear warm-up of the DKD term (0: none)")
 
 
-def _check_numbers(options: Any, where: str = "distill.options") -> Any:
-    """Range checks the types cannot express, run when the config is loaded."""
-    for f in dataclasses.fields(options):
-        value = getattr(options, f.name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            continue
-        positive = f.name == "temperature"
-        if not math.isfinite(value) or value < 0 or (positive and value == 0):
-            raise UserError(f"{f.name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}",
-                            where=f"{where}.{f.name}",
-                            fix="use a positive temperature (4 is usual)" if positive
-                            else "use 0 to disable the term, or a positive value")
-    return options
-
-
 @register_method
 class DKD(DistillMethod):
     name = "dkd"
@@ -58,7 +41,7 @@ class DKD(DistillMethod):
 
     @classmethod
     def parse_options(cls, options: dict[str, Any]) -> Any:
-        return _check_numbers(super().parse_options(options))
+        return check_numbers(super().parse_options(options))
 
     def forward(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
                 progress: float) -> StepOutput:
@@ -70,5 +53,5 @@ class DKD(DistillMethod):
         dkd = losses.dkd_warmup(progress, o.warmup_epochs) * (o.alpha * tckd + o.beta * nckd)
         loss = o.ce_weight * ce + dkd
         logs = {"ce": ce.detach(), "tckd": tckd.detach(), "nckd": nckd.detach(), "dkd": dkd.detach(),
-                **losses.mask_fractions(losses.error_masks(teacher_logits, logits, labels))}
+                **teacher_diagnostics(teacher_logits, logits, labels)}
         return StepOutput(loss=loss, logits=logits, logs=logs)

@@ -12,7 +12,6 @@ fair throughput and accuracy comparison for it.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,7 @@ from .._schema import doc
 from ..errors import UserError
 from ..models.factory import create_model
 from ._base import DistillMethod, OptimizerSpec, StepOutput, TeacherOutput
-from ._levels import architecture
+from ._levels import architecture, check_numbers, teacher_diagnostics
 from ._registry import register_method
 
 TEACHER = "teacher"
@@ -43,12 +42,7 @@ class DMLOptions:
 
 
 def _check_options(options: DMLOptions, where: str = "distill.options") -> DMLOptions:
-    for key in ("temperature", "ce_weight", "kd_weight"):
-        value = getattr(options, key)
-        positive = key == "temperature"
-        if not math.isfinite(value) or value < 0 or (positive and value == 0):
-            raise UserError(f"{key} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}",
-                            where=f"{where}.{key}", fix="use a positive value (0 disables a weighted term)")
+    check_numbers(options, where)
     if options.peers.count(TEACHER) > 1:
         raise UserError("'teacher' is listed more than once; there is one teacher network",
                         where=f"{where}.peers", fix="list 'teacher' at most once")
@@ -132,5 +126,5 @@ class DML(DistillMethod):
             logs[f"{prefix}ce"] = ce.detach()
             logs[f"{prefix}dml"] = mutual.detach()
         # Diagnostics: the first peer plays the teacher's part in the right/wrong fractions.
-        logs.update(losses.mask_fractions(losses.error_masks(outputs[1], outputs[0], labels)))
+        logs.update(teacher_diagnostics(outputs[1], outputs[0], labels))
         return StepOutput(loss=total, logits=outputs[0], logs=logs)

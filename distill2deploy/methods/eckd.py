@@ -17,8 +17,6 @@ student is exactly the plain architecture.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -31,7 +29,7 @@ from .._schema import doc
 from ..errors import UserError
 from ..models.factory import extract
 from ._base import DistillMethod, OptimizerSpec, StepOutput, TeacherOutput
-from ._levels import aux_head, check_levels, default_levels, feature_shapes
+from ._levels import aux_head, check_levels, check_numbers, default_levels, feature_shapes, mask_logs
 
 AUGMENTS = ("none", "rotate", "flip")
 
@@ -53,22 +51,6 @@ class ECKDBaseOptions:
         "by a random 90/180/270 degrees, 'flip' mirrors it; 'none' disables the view")
 
 
-def validate_options(options: Any, where: str = "distill.options") -> Any:
-    """Value checks the types cannot express, done when the config is loaded (before any training)."""
-    for f in dataclasses.fields(options):
-        value = getattr(options, f.name)
-        if f.name == "temperature" and not (math.isfinite(value) and value > 0):
-            raise UserError(f"temperature must be > 0, got {value!r}", where=f"{where}.temperature",
-                            fix="use a positive temperature (4 is the usual CIFAR-100 choice)")
-        if f.name.endswith("_weight") and not (math.isfinite(value) and value >= 0):
-            raise UserError(f"{f.name} must be a finite number >= 0, got {value!r}", where=f"{where}.{f.name}",
-                            fix="use 0 to disable the term or a positive weight")
-        if f.name == "teacher_lr" and value is not None and not (math.isfinite(value) and value > 0):
-            raise UserError(f"teacher_lr must be > 0, got {value!r}", where=f"{where}.teacher_lr",
-                            fix="give a positive learning rate, or null for distill.lr")
-    return options
-
-
 def augmented_view(images: Tensor, kind: str) -> Tensor | None:
     """The extra view of a batch, or None for ``'none'``.
 
@@ -88,11 +70,6 @@ def augmented_view(images: Tensor, kind: str) -> Tensor | None:
         r1, r2, r3 = (torch.rot90(images, r, dims=(2, 3)) for r in (1, 2, 3))
         return torch.where(k == 1, r1, torch.where(k == 2, r2, r3))
     raise UserError(f"unknown augment {kind!r}", where="distill.options.augment", fix=f"use one of {AUGMENTS}")
-
-
-def mask_logs(masks: losses.ErrorMasks, prefix: str = "") -> dict[str, Tensor]:
-    """``{prefix}trsr``... fractions (detached 0-d tensors, no host sync)."""
-    return {f"{prefix}{k}": v for k, v in losses.mask_fractions(masks).items()}
 
 
 @dataclass
@@ -132,14 +109,15 @@ class ECKDBase(DistillMethod):
         self.student_heads = nn.ModuleList(aux_head(s[0], num_classes) for s in self.student_shapes)
         self.teacher_heads = nn.ModuleList(aux_head(t[0], num_classes) for t in self.teacher_shapes)
         if self.bidirectional:
-            # Trained here: a submodule (in DDP, in the checkpoint), no longer a frozen teacher.
-            self.teacher = teacher
+            # Trained here: a submodule (in DDP, in the checkpoint), no longer a frozen teacher. A
+            # teacher handed over frozen would otherwise sit in its optimizer and silently never move.
+            self.teacher = teacher.requires_grad_(True)
             self._frozen_teachers = []
 
     # --- configuration ----------------------------------------------------------------------
     @classmethod
     def parse_options(cls, options: dict[str, Any]) -> Any:
-        return validate_options(super().parse_options(options))
+        return check_numbers(super().parse_options(options), positive=("temperature", "teacher_lr"))
 
     def _wants_levels(self) -> bool:
         return True
@@ -186,8 +164,9 @@ class ECKDBase(DistillMethod):
         else:
             specs["student"] = OptimizerSpec(_params(student + [self.teacher_heads]), lr)
         listed = [id(p) for s in specs.values() for p in s.params]
-        missing = [n for n, p in self.named_parameters() if id(p) not in set(listed)]
-        if missing or len(listed) != len(set(listed)):  # a subclass forgot a module: a bug, not a user error
+        unique = set(listed)
+        missing = [n for n, p in self.named_parameters() if id(p) not in unique]
+        if missing or len(listed) != len(unique):  # a subclass forgot a module: a bug, not a user error
             raise RuntimeError(f"{self.name}: optimizer groups miss {missing} or list a parameter twice")
         return specs
 

@@ -14,7 +14,6 @@ the exported student is exactly the plain architecture.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,8 @@ from .._schema import doc
 from ..errors import UserError
 from ..models.factory import extract
 from ._base import DistillMethod, StepOutput, TeacherOutput
-from ._levels import adapter, check_levels, default_levels, feature_shapes, match_size
+from ._levels import (adapter, check_levels, check_numbers, default_levels, feature_shapes, match_size,
+                      teacher_diagnostics)
 from ._registry import register_method
 
 
@@ -41,12 +41,7 @@ class FitNetOptions:
 
 
 def _check_options(options: FitNetOptions, where: str = "distill.options") -> FitNetOptions:
-    for key in ("feature_weight", "ce_weight", "kd_weight", "temperature"):
-        value = getattr(options, key)
-        positive = key == "temperature"
-        if not math.isfinite(value) or value < 0 or (positive and value == 0):
-            raise UserError(f"{key} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}",
-                            where=f"{where}.{key}", fix="use a positive value (0 disables a weighted term)")
+    check_numbers(options, where)
     if options.hint is not None and len(options.hint) != 2:
         raise UserError(f"hint must be one [teacher_stage, student_stage] pair, got {options.hint!r}",
                         where=f"{where}.hint", fix="e.g. hint: [2, 5], or null for the default pair")
@@ -104,5 +99,5 @@ class FitNet(DistillMethod):
             kd = losses.kd_loss(logits, teacher.logits, o.temperature)
             loss = loss + o.kd_weight * kd
             logs["kd"] = kd.detach()
-        logs.update(losses.mask_fractions(losses.error_masks(teacher.logits, logits, labels)))
+        logs.update(teacher_diagnostics(teacher.logits, logits, labels))
         return StepOutput(loss=loss, logits=logits, logs=logs)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -9,6 +10,7 @@ from torch import Tensor
 from .. import losses
 from .._schema import doc
 from ._base import DistillMethod, StepOutput, TeacherOutput
+from ._levels import check_numbers, teacher_diagnostics
 from ._registry import register_method
 
 
@@ -24,11 +26,17 @@ class KD(DistillMethod):
     name = "kd"
     Options = KDOptions
 
+    @classmethod
+    def parse_options(cls, options: dict[str, Any]) -> Any:
+        return check_numbers(super().parse_options(options))
+
     def forward(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
                 progress: float) -> StepOutput:
         o: KDOptions = self.options
         logits = self.student(images)
+        teacher_logits = teacher_outputs[0].logits
         ce = F.cross_entropy(logits, labels)
-        kd = losses.kd_loss(logits, teacher_outputs[0].logits, o.temperature)
+        kd = losses.kd_loss(logits, teacher_logits, o.temperature)
         loss = o.ce_weight * ce + o.kd_weight * kd
-        return StepOutput(loss=loss, logits=logits, logs={"ce": ce.detach(), "kd": kd.detach()})
+        logs = {"ce": ce.detach(), "kd": kd.detach(), **teacher_diagnostics(teacher_logits, logits, labels)}
+        return StepOutput(loss=loss, logits=logits, logs=logs)

@@ -15,8 +15,8 @@ from torch import Tensor
 from .. import losses
 from .._schema import doc
 from ._base import DistillMethod, StepOutput, TeacherOutput
+from ._levels import check_numbers, mask_logs
 from ._registry import register_method
-from .eckd import mask_logs, validate_options
 
 
 @dataclass
@@ -34,7 +34,7 @@ class KDEC(DistillMethod):
 
     @classmethod
     def parse_options(cls, options: dict[str, Any]) -> Any:
-        return validate_options(super().parse_options(options))
+        return check_numbers(super().parse_options(options))
 
     def forward(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
                 progress: float) -> StepOutput:

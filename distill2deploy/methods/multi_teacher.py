@@ -27,6 +27,7 @@ from .._schema import doc
 from ..errors import UserError, suggest
 from ..models.factory import create_model
 from ._base import DistillMethod, StepOutput, TeacherOutput
+from ._levels import check_numbers, teacher_diagnostics
 from ._registry import register_method
 
 WHERE = "distill.options"
@@ -61,12 +62,7 @@ def _count(n: int, noun: str) -> str:
 
 
 def _check_options(o: MultiTeacherOptions) -> MultiTeacherOptions:
-    for key in ("temperature", "ce_weight", "kd_weight"):
-        value = getattr(o, key)
-        positive = key == "temperature"
-        if not math.isfinite(value) or value < 0 or (positive and value == 0):
-            raise UserError(f"{key} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}",
-                            where=f"{WHERE}.{key}", fix="use a positive value (0 disables a weighted term)")
+    check_numbers(o, WHERE)
     n = 1 + len(o.extra_teachers)
     if o.weights is not None:
         if len(o.weights) != n:
@@ -149,5 +145,5 @@ class MultiTeacher(DistillMethod):
         loss = o.ce_weight * ce + o.kd_weight * kd
         logs = {"ce": ce.detach(), "kd": kd.detach()}
         # Right/wrong fractions against the combined target's arg-max (argmax of probabilities = of logits).
-        logs.update(losses.mask_fractions(losses.error_masks(targets, logits, labels)))
+        logs.update(teacher_diagnostics(targets, logits, labels))
         return StepOutput(loss=loss, logits=logits, logs=logs)

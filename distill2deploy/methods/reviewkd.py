@@ -29,7 +29,6 @@ The ABF blocks live in this method (trained by the student's optimizer), never i
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +41,8 @@ from .._schema import doc
 from ..errors import UserError
 from ..models.factory import ResizeInput, extract, stage_count
 from ._base import DistillMethod, StepOutput, TeacherOutput
-from ._levels import check_levels, default_levels, feature_shapes, match_size
+from ._levels import (check_levels, check_numbers, default_levels, dry_run, feature_shapes, match_size,
+                      teacher_diagnostics)
 from ._registry import register_method
 
 
@@ -64,18 +64,10 @@ class ReviewKDOptions:
 
 
 def _check_options(options: ReviewKDOptions, where: str = "distill.options") -> ReviewKDOptions:
-    for key in ("feature_weight", "warmup_epochs", "ce_weight", "kd_weight", "temperature"):
-        value = getattr(options, key)
-        positive = key == "temperature"
-        if not math.isfinite(value) or value < 0 or (positive and value == 0):
-            raise UserError(f"{key} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}",
-                            where=f"{where}.{key}", fix="use a positive value (0 disables a term or the warm-up)")
+    check_numbers(options, where, positive=("temperature", "max_mid_channels"))
     if not options.hcl_levels or any(level < 1 for level in options.hcl_levels):
         raise UserError(f"hcl_levels must be positive pooling sizes, got {options.hcl_levels!r}",
                         where=f"{where}.hcl_levels", fix="use e.g. [4, 2, 1] (the paper's choice)")
-    if options.max_mid_channels < 1:
-        raise UserError(f"max_mid_channels must be >= 1, got {options.max_mid_channels}",
-                        where=f"{where}.max_mid_channels", fix="use 512 (the paper's choice)")
     if options.levels is not None and not options.levels:
         raise UserError("levels is empty", where=f"{where}.levels", fix="give at least one pair, or null")
     return options
@@ -160,22 +152,13 @@ class ReviewKD(DistillMethod):
         out_sizes = [(int(s[1]), int(s[2])) for s in t_shapes]
         if options.pooled:
             out_sizes[-1] = (1, 1)  # the teacher's last stage, globally pooled
-        in_channels = [int(f.shape[1]) for f in self._dry_student_features(student, input_size)]
+        s_feats = dry_run(student, input_size,
+                          lambda m, x: student_features(m, x, self.student_indices, options.pooled)[1])
+        in_channels = [int(f.shape[1]) for f in s_feats]
         mid = min(options.max_mid_channels, in_channels[-1])
         self.out_sizes = out_sizes
         self.abfs = nn.ModuleList(ABF(cin, mid, cout, fuse=i < len(in_channels) - 1)
                                   for i, (cin, cout) in enumerate(zip(in_channels, out_channels)))
-
-    @torch.no_grad()
-    def _dry_student_features(self, student: nn.Module, input_size: int) -> list[Tensor]:
-        was_training = student.training
-        student.eval()
-        try:
-            param = next(student.parameters())
-            x = torch.zeros(2, 3, input_size, input_size, device=param.device, dtype=param.dtype)
-            return student_features(student, x, self.student_indices, self.options.pooled)[1]
-        finally:
-            student.train(was_training)
 
     def teacher_feature_indices(self) -> list[int] | None:
         return list(self._teacher_indices)
@@ -210,5 +193,5 @@ class ReviewKD(DistillMethod):
             kd = losses.kd_loss(logits, teacher.logits, o.temperature)
             loss = loss + o.kd_weight * kd
             logs["kd"] = kd.detach()
-        logs.update(losses.mask_fractions(losses.error_masks(teacher.logits, logits, labels)))
+        logs.update(teacher_diagnostics(teacher.logits, logits, labels))
         return StepOutput(loss=loss, logits=logits, logs=logs)

@@ -16,15 +16,17 @@ output of stage ``k`` -- the "levels" the ECKD thesis pairs between teacher and 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from timm.layers import create_classifier
+from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from torch import nn
 
-__all__ = ["CIFAR100_MEAN", "CIFAR100_STD", "CifarNet", "cifar_cfg", "init_crd_weights"]
+__all__ = ["CIFAR100_MEAN", "CIFAR100_STD", "CifarNet", "build_cifar_model", "cifar_cfg", "init_crd_weights",
+           "init_he_fan_out"]
 
 # Normalisation of the chenyaofo / CRD CIFAR-100 checkpoints (inputs scaled to [0, 1] first).
 CIFAR100_MEAN = (0.5070, 0.4865, 0.4409)
@@ -67,12 +69,40 @@ def init_crd_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def init_he_fan_out(model: nn.Module) -> None:
+    """The initialisation of the CIFAR ResNet / WRN code (He-normal fan-out convs, unit BN).
+
+    Linear layers keep PyTorch's default init, as in those repositories.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+M = TypeVar("M", bound="CifarNet")
+
+
+def build_cifar_model(cls: type[M], variant: str, pretrained: bool = False, **kwargs: Any) -> M:
+    """timm's ``build_model_with_cfg`` for a :class:`CifarNet`: ``features_only`` uses the
+    getter over every level (stem + all stages), so ``out_indices`` follow ``feature_info``."""
+    return build_model_with_cfg(
+        cls, variant, pretrained,
+        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(len(cls.stage_names) + 1))),
+        **kwargs,
+    )
+
+
 class CifarNet(nn.Module):
     """Stem -> stages 1..N -> optional final block -> global pool -> linear, with timm's API.
 
     Subclasses set the class attributes below, build their modules, call :meth:`_init_head`
-    and implement :meth:`forward_stem` (and :meth:`forward_final` when they have one).
-    Stages are looked up by name so that the parameter names stay those of the original code.
+    and provide the stem: either :meth:`_init_conv_bn_stem` (the common conv-BN-ReLU stem, run by
+    the default :meth:`forward_stem`) or their own modules and :meth:`forward_stem`. A final block
+    needs :meth:`forward_final`. Stages are looked up by name so that the parameter names stay
+    those of the original code.
     """
 
     #: dotted names of the stage modules, stage 1 first
@@ -99,9 +129,17 @@ class CifarNet(nn.Module):
         self._num_stages = len(self.stage_names)
         self._has_final = bool(self.final_names)
 
+    def _init_conv_bn_stem(self, in_chans: int, out_chs: int, kernel_size: int) -> None:
+        """Stride-1 ``conv1 -> bn1 -> act1`` (ResNet, ShuffleNets) and its ``feature_info`` entry."""
+        self.conv1 = nn.Conv2d(in_chans, out_chs, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_chs)
+        self.act1 = nn.ReLU(inplace=True)
+        self.feature_info = [dict(num_chs=out_chs, reduction=1, module="act1")]
+
     # --- pieces the subclasses provide ---------------------------------------------------
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The stem of :meth:`_init_conv_bn_stem`; networks with another stem override this."""
+        return self.act1(self.bn1(self.conv1(x)))
 
     def forward_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Run stage ``index`` (1-based, as in ``feature_info``)."""

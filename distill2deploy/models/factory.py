@@ -147,6 +147,12 @@ def create_model(
         raise UserError(f"model {name!r} does not accept an option: {e}",
                         where=role or "model options",
                         fix=f"remove or rename it; the options given were {sorted(kwargs)}") from e
+    except ValueError as e:  # e.g. depth=7 for a 6n+2 ResNet: the constructor names the valid values
+        if not kwargs:
+            raise
+        raise UserError(f"model {name!r} rejected its options {kwargs}: {e}",
+                        where=f"{role}.model_kwargs" if role else "model options",
+                        fix="change the value the message names, or remove the option") from e
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     if input_size is not None and input_size != data_input_size:

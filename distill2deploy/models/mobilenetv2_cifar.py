@@ -12,10 +12,10 @@ import math
 from typing import Any
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from ._cifar_common import CifarNet, cifar_cfg, init_crd_weights
+from ._cifar_common import CifarNet, build_cifar_model, cifar_cfg, init_crd_weights
 
 __all__ = ["MobileNetV2Cifar"]
 
@@ -102,11 +102,7 @@ class MobileNetV2Cifar(CifarNet):
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> MobileNetV2Cifar:
-    return build_model_with_cfg(
-        MobileNetV2Cifar, variant, pretrained,
-        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(8))),
-        **kwargs,
-    )
+    return build_cifar_model(MobileNetV2Cifar, variant, pretrained, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

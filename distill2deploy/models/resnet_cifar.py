@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from ._cifar_common import CifarNet, cifar_cfg
+from ._cifar_common import CifarNet, build_cifar_model, cifar_cfg, init_he_fan_out
 
 __all__ = ["CifarResNet", "CifarBasicBlock"]
 
@@ -63,10 +63,7 @@ class CifarResNet(CifarNet):
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (8, 20, 32, ...), got {depth}")
         blocks = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        self.act1 = nn.ReLU(inplace=True)
-        self.feature_info = [dict(num_chs=widths[0], reduction=1, module="act1")]
+        self._init_conv_bn_stem(in_chans, widths[0], 3)
         in_chs, reduction = widths[0], 1
         for i, (out_chs, stride) in enumerate(zip(widths[1:], (1, 2, 2)), start=1):
             layers = []
@@ -77,24 +74,11 @@ class CifarResNet(CifarNet):
             reduction *= stride
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f"layer{i}"))
         self._init_head(in_chs, num_classes, global_pool, drop_rate)
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act1(self.bn1(self.conv1(x)))
+        init_he_fan_out(self)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    return build_model_with_cfg(
-        CifarResNet, variant, pretrained,
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
-        **kwargs,
-    )
+    return build_cifar_model(CifarResNet, variant, pretrained, **kwargs)
 
 
 def _chenyaofo(file: str, top1: float) -> dict[str, Any]:

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from ._cifar_common import CifarNet, cifar_cfg
+from ._cifar_common import CifarNet, build_cifar_model, cifar_cfg
 
 __all__ = ["ShuffleNetV1Cifar", "ChannelShuffle"]
 
@@ -68,10 +68,7 @@ class ShuffleNetV1Cifar(CifarNet):
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_chans, 24, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(24)
-        self.act1 = nn.ReLU(inplace=True)
-        self.feature_info = [dict(num_chs=24, reduction=1, module="act1")]
+        self._init_conv_bn_stem(in_chans, 24, 1)
         in_chs, reduction = 24, 1
         for i, (out_chs, n) in enumerate(zip(out_planes, num_blocks), start=1):
             layers = []
@@ -85,16 +82,9 @@ class ShuffleNetV1Cifar(CifarNet):
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f"layer{i}"))
         self._init_head(in_chs, num_classes, global_pool, drop_rate)
 
-    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act1(self.bn1(self.conv1(x)))
-
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> ShuffleNetV1Cifar:
-    return build_model_with_cfg(
-        ShuffleNetV1Cifar, variant, pretrained,
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
-        **kwargs,
-    )
+    return build_cifar_model(ShuffleNetV1Cifar, variant, pretrained, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from ._cifar_common import CifarNet, cifar_cfg
+from ._cifar_common import CifarNet, build_cifar_model, cifar_cfg
 from .shufflenetv1_cifar import ChannelShuffle
 
 __all__ = ["ShuffleNetV2Cifar"]
@@ -94,10 +94,7 @@ class ShuffleNetV2Cifar(CifarNet):
             raise ValueError(f"ShuffleNetV2 net_size must be one of {sorted(_CONFIGS)}, got {net_size}")
         out_channels = _CONFIGS[net_size]["out_channels"]
         num_blocks = _CONFIGS[net_size]["num_blocks"]
-        self.conv1 = nn.Conv2d(in_chans, 24, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(24)
-        self.act1 = nn.ReLU(inplace=True)
-        self.feature_info = [dict(num_chs=24, reduction=1, module="act1")]
+        self._init_conv_bn_stem(in_chans, 24, 3)
         in_chs, reduction = 24, 1
         for i, (out_chs, n) in enumerate(zip(out_channels[:3], num_blocks), start=1):
             layers: list[nn.Module] = [DownBlock(in_chs, out_chs)]
@@ -110,19 +107,12 @@ class ShuffleNetV2Cifar(CifarNet):
         self.bn2 = nn.BatchNorm2d(out_channels[3])
         self._init_head(out_channels[3], num_classes, global_pool, drop_rate)
 
-    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act1(self.bn1(self.conv1(x)))
-
     def forward_final(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn2(self.conv2(x)))
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> ShuffleNetV2Cifar:
-    return build_model_with_cfg(
-        ShuffleNetV2Cifar, variant, pretrained,
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
-        **kwargs,
-    )
+    return build_cifar_model(ShuffleNetV2Cifar, variant, pretrained, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from ._cifar_common import CifarNet, cifar_cfg, init_crd_weights
+from ._cifar_common import CifarNet, build_cifar_model, cifar_cfg, init_crd_weights
 
 __all__ = ["VGGCifar"]
 
@@ -54,6 +54,8 @@ class VGGCifar(CifarNet):
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
+        if cfg not in _CFGS:
+            raise ValueError(f"VGG cfg must be one of {sorted(_CFGS)}, got {cfg!r}")
         blocks = _CFGS[cfg]
         self.block0 = _make_block(blocks[0], in_chans, batch_norm)
         self.feature_info = [dict(num_chs=blocks[0][-1], reduction=1, module="block0")]
@@ -79,11 +81,7 @@ class VGGCifar(CifarNet):
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VGGCifar:
-    return build_model_with_cfg(
-        VGGCifar, variant, pretrained,
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3, 4)),
-        **kwargs,
-    )
+    return build_cifar_model(VGGCifar, variant, pretrained, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from ._cifar_common import CifarNet, cifar_cfg
+from ._cifar_common import CifarNet, build_cifar_model, cifar_cfg, init_he_fan_out
 
 __all__ = ["WideResNetCifar"]
 
@@ -92,14 +92,9 @@ class WideResNetCifar(CifarNet):
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.relu = nn.ReLU(inplace=True)
         self._init_head(widths[3], num_classes, global_pool, drop_rate)
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
+        init_he_fan_out(self)
+        for m in self.modules():  # CRD's WRN also zeroes the classifier bias
+            if isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,11 +105,7 @@ class WideResNetCifar(CifarNet):
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> WideResNetCifar:
-    return build_model_with_cfg(
-        WideResNetCifar, variant, pretrained,
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
-        **kwargs,
-    )
+    return build_cifar_model(WideResNetCifar, variant, pretrained, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
