@@ -44,9 +44,9 @@ class RunContext:
 
     @property
     def is_main(self) -> bool:
-        from accelerate import PartialState
+        from ..trainer import process_state  # joins a multi-process CPU launch with gloo (see there)
 
-        return PartialState().is_main_process
+        return process_state().is_main_process
 
     def data(self, need_train: bool = True) -> DataSource:
         key = "_data_train" if need_train else "_data_test"
