@@ -142,8 +142,15 @@ class PipelineConfig:
 
 
 def bundled_pipelines() -> Path:
-    """The directory of the configs that ship with the package."""
-    return Path(str(resources.files("distill2deploy.pipelines")))
+    """The directory of the configs that ship with the package.
+
+    Installed, they are the ``distill2deploy.pipelines`` package; run from a source checkout
+    (where ``distill2deploy/`` shadows the installed package) they are the repo's ``pipelines/``.
+    """
+    try:
+        return Path(str(resources.files("distill2deploy.pipelines")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "pipelines"
 
 
 def resolve_config_path(name: str) -> Path:
