@@ -69,17 +69,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full": dict(teacher_model="resnet56_cifar", teacher_epochs=240, teacher_train_subset=None, teacher_lr=0.05,
                  student_model="mobilenetv2_x0_5_cifar", epochs=240, train_subset=None, test_subset=None, lr=0.01,
                  milestones=[0.625, 0.75, 0.875], batch_size=64, num_workers=2, calib_samples=512,
-                 validate_runs=200, validate_batch_sizes=[1, 64]),
-    # Two shared CPU cores, about an hour: ResNet-20 teacher on 10k images, students on 5k, 2k test images.
-    "cpu-small": dict(teacher_model="resnet20_cifar", teacher_epochs=15, teacher_train_subset=10000,
-                      teacher_lr=0.05, student_model="mobilenetv2_x0_5_cifar", epochs=8, train_subset=5000,
+                 validate_runs=200, validate_batch_sizes=[1, 64], threads=None),
+    # Two shared CPU cores, about an hour: ResNet-20 teacher on 8k images, students 4 epochs on 5k, 2k test images.
+    "cpu-small": dict(teacher_model="resnet20_cifar", teacher_epochs=8, teacher_train_subset=8000,
+                      teacher_lr=0.05, student_model="mobilenetv2_x0_5_cifar", epochs=4, train_subset=5000,
                       test_subset=2000, lr=0.05, milestones=[0.75], batch_size=64, num_workers=0,
-                      calib_samples=256, validate_runs=20, validate_batch_sizes=[1]),
+                      calib_samples=256, validate_runs=20, validate_batch_sizes=[1], threads=1),
     # End-to-end check of this script in a few minutes (numbers mean nothing).
     "smoke": dict(teacher_model="resnet20_cifar", teacher_epochs=1, teacher_train_subset=500, teacher_lr=0.05,
                   student_model="mobilenetv2_x0_5_cifar", epochs=1, train_subset=500, test_subset=500, lr=0.05,
                   milestones=[0.75], batch_size=64, num_workers=0, calib_samples=64, validate_runs=5,
-                  validate_batch_sizes=[1]),
+                  validate_batch_sizes=[1], threads=1),
 }
 
 
@@ -117,6 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--calib-samples", type=int, help="INT8 calibration images")
     g.add_argument("--validate-runs", type=int, help="timed onnxruntime runs (latency is not the point here)")
     g.add_argument("--validate-batch-sizes", type=int, nargs="+")
+    g.add_argument("--threads", type=int,
+                   help="CPU threads per run (OMP_NUM_THREADS and onnxruntime's); on a shared CPU 1 avoids the "
+                        "collapse of multi-threaded kernels when other jobs take cores (default: all)")
     p.add_argument("--retries", type=int, default=1, help="reruns of a crashed run (cached stages resume)")
     p.add_argument("--dry-run", action="store_true", help="write the configs and print the commands only")
     p.add_argument("--report-only", action="store_true", help="tabulate the finished runs, train nothing")
@@ -166,8 +169,9 @@ def _milestones(fractions: list[float], epochs: int) -> list[int]:
     return sorted({max(1, round(f * epochs)) for f in fractions if round(f * epochs) < epochs}) if epochs > 1 else []
 
 
-def base_config(args: argparse.Namespace, data_dir: Path, seed: int) -> dict[str, Any]:
+def base_config(args: argparse.Namespace, data_dir: Path, seed: int, name: str) -> dict[str, Any]:
     return {
+        "name": name,
         "seed": seed,
         "data": {"source": f"folder:{data_dir}", "subset": {"train": args.train_subset, "test": args.test_subset},
                  "mean": CIFAR10_MEAN, "std": CIFAR10_STD, "num_workers": args.num_workers},
@@ -175,13 +179,12 @@ def base_config(args: argparse.Namespace, data_dir: Path, seed: int) -> dict[str
         "student": {"model": args.student_model},
         "quantize": {"calib_samples": args.calib_samples, "calib_batch_size": min(32, args.calib_samples)},
         "validate": {"runs": args.validate_runs, "batch_sizes": args.validate_batch_sizes,
-                     "warmup": min(20, args.validate_runs)},
+                     "warmup": min(20, args.validate_runs), "threads": args.threads},
     }
 
 
 def teacher_config(args: argparse.Namespace, data_dir: Path, seed: int) -> dict[str, Any]:
-    cfg = base_config(args, data_dir, seed)
-    cfg["name"] = f"teacher_s{seed}"
+    cfg = base_config(args, data_dir, seed, f"teacher_s{seed}")
     cfg["data"]["subset"]["train"] = args.teacher_train_subset
     cfg["teacher"]["train"] = {"epochs": args.teacher_epochs, "lr": args.teacher_lr, "batch_size": args.batch_size,
                                "milestones": _milestones(args.milestones, args.teacher_epochs)}
@@ -203,8 +206,7 @@ def student_config(args: argparse.Namespace, data_dir: Path, variant: str, seed:
     if method == "multi_teacher":
         options["extra_teachers"] = [{"model": args.teacher_model, "checkpoint": str(second_teacher_pt),
                                       "pretrained": False}]
-    cfg = base_config(args, data_dir, seed)
-    cfg["name"] = f"{variant}_s{seed}"
+    cfg = base_config(args, data_dir, seed, f"{variant}_s{seed}")
     cfg["teacher"].update(checkpoint=str(teacher_pt), train={"epochs": 0})
     cfg["distill"] = {"method": method, "options": options, "epochs": args.epochs, "batch_size": args.batch_size,
                       "lr": args.lr, "milestones": _milestones(args.milestones, args.epochs)}
@@ -244,9 +246,11 @@ def is_finished(run: Run) -> bool:
     return stamp.read_text().strip() == config_hash(load_config(str(run.config))[0])
 
 
-def execute(run: Run, log_dir: Path, retries: int) -> None:
+def execute(run: Run, log_dir: Path, retries: int, threads: int | None) -> None:
     log = log_dir / f"{run.name}.log"
     env = dict(os.environ, TQDM_MININTERVAL="30")  # a progress line every 30 s in the log, not every step
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
     for attempt in range(retries + 1):
         if is_finished(run):
@@ -280,8 +284,10 @@ def _epoch_seconds(metrics: Path) -> float | None:
 def collect(run: Run) -> dict[str, Any]:
     """One table row from the run's stage manifests (torch numbers) and validate.json (onnxruntime)."""
     teacher = _json(run.run_dir / "teacher" / "stage.json").get("summary", {})
+    # Seconds the run's stages took when they ran (cached ones included): its cost, whatever invocation made it.
+    stage_seconds = sum(_json(f).get("seconds", 0.0) for f in run.run_dir.glob("*/stage.json"))
     row: dict[str, Any] = {"run": run.name, "method": run.kind, "seed": run.seed, "status": run.status,
-                           "wall_seconds": round(run.wall_seconds, 1),
+                           "wall_seconds": round(run.wall_seconds, 1), "stage_seconds": round(stage_seconds, 1),
                            "teacher_top1": teacher.get("test", {}).get("top1"),
                            "test_images": teacher.get("test_images")}
     if run.kind == "teacher":
@@ -289,8 +295,9 @@ def collect(run: Run) -> dict[str, Any]:
                    epoch_seconds=_epoch_seconds(run.run_dir / "teacher" / "metrics.jsonl"))
         return row
     distill = _json(run.run_dir / "distill" / "stage.json").get("summary", {})
-    models = _json(run.run_dir / "validate" / "validate.json").get("models", {})
-    top1 = {k: v["accuracy"]["top1"] for k, v in models.items()}
+    validate = _json(run.run_dir / "validate" / "validate.json")
+    top1 = {k: v["accuracy"]["top1"] for k, v in validate.get("models", {}).items()}
+    agreement = [v for k, v in validate.get("agreement", {}).items() if k.startswith("student.int8")]
     row.update(
         registry_method=distill.get("method"), epochs=distill.get("epochs"),
         # Networks trained alongside the student: a bidirectional teacher, DML peers.
@@ -300,8 +307,7 @@ def collect(run: Run) -> dict[str, Any]:
         student_torch_top1=distill.get("test_top1"), student_best_top1=distill.get("best_top1"),
         teacher_ort_top1=top1.get("teacher"), student_fp32_top1=top1.get("student"),
         student_int8_top1=top1.get("student.int8"),
-        int8_fp32_agreement=_json(run.run_dir / "validate" / "validate.json").get("agreement", {}).get(
-            "student.int8/student"),
+        int8_fp32_agreement=agreement[0] if agreement else None,
         train_seconds=distill.get("train_seconds"),
         epoch_seconds=_epoch_seconds(run.run_dir / "distill" / "metrics.jsonl"))
     return row
@@ -403,12 +409,21 @@ def main(argv: list[str] | None = None) -> int:
     from distill2deploy.errors import UserError
 
     args = parse_args(argv)
-    t_start = time.perf_counter()
     try:
-        data_dir = ensure_data(args.data_dir, args.tar)
-    except UserError as e:
+        return run_benchmark(args, argv)
+    except UserError as e:  # a bad argument or config: the message, not a traceback
         print(f"error: {e.format()}", file=sys.stderr)
         return 2
+
+
+def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from distill2deploy.errors import UserError
+
+    t_start = time.perf_counter()
+    data_dir = ensure_data(args.data_dir, args.tar)
+    if "multi_teacher" in args.methods and args.second_teacher_seed == args.teacher_seed:
+        raise UserError("multi_teacher's second teacher needs its own seed", where="--second-teacher-seed",
+                        fix=f"use a seed other than --teacher-seed {args.teacher_seed}")
     out = args.out.resolve()
     cfg_dir, log_dir, runs_dir = out / "configs", out / "logs", out / "runs"
     for d in (cfg_dir, log_dir, runs_dir):
@@ -428,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         s2 = args.second_teacher_seed
         teacher_runs.append(make_run(f"teacher_s{s2}", "teacher", s2, teacher_config(args, data_dir, s2), "teacher"))
         second_pt = teacher_runs[1].run_dir / "teacher" / "teacher.pt"
-    # Seed 1 of each method first, so an interrupted benchmark still has one row per method.
+    # The first seed of every method first, so an interrupted benchmark still has one row per method.
     plan = [(m, args.seeds[0]) for m in args.methods]
     plan += [(m, s) for s in args.seeds[1:] for m in args.methods if m in args.multi_seed]
     command = shlex.join([Path(sys.executable).name, *(sys.argv if argv is None else ["benchmarks/methods.py", *argv])])
@@ -452,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in teacher_runs:
         if not args.report_only:
             print(f"▶ {r.name}", flush=True)
-            execute(r, log_dir, args.retries)
+            execute(r, log_dir, args.retries, args.threads)
         else:
             r.status = "cached" if is_finished(r) else "missing"
         print(f"  {r.name}: {r.status} ({r.wall_seconds:.0f} s)", flush=True)
@@ -469,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             r.status = "cached" if is_finished(r) else "missing"
         else:
             print(f"▶ {r.name}", flush=True)
-            execute(r, log_dir, args.retries)
+            execute(r, log_dir, args.retries, args.threads)
         row = collect(r)
         print(f"  {r.name}: {r.status} ({r.wall_seconds:.0f} s) fp32 {_pct(row.get('student_fp32_top1'))} "
               f"int8 {_pct(row.get('student_int8_top1'))} s/epoch {row.get('epoch_seconds') or 0:.1f}", flush=True)
@@ -481,22 +496,29 @@ def main(argv: list[str] | None = None) -> int:
     spreads = spread(students)
     table = markdown(students, spreads, teachers)
     wall = time.perf_counter() - t_start
+    from distill2deploy import _io
+
+    previous = _json(out / "results.json")
+    trained_by = {"command": command, "wall_seconds": round(wall, 1)}
+    if args.report_only and (previous.get("trained_by") or previous.get("command")):  # keep the training one
+        trained_by = previous.get("trained_by") or {k: previous[k] for k in ("command", "wall_seconds")}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     title = (f"{args.student_model} students on CIFAR-10 ({args.train_subset or 'all'} train imgs, {args.epochs} ep); "
              f"{args.teacher_model} teacher ({args.teacher_train_subset or 'all'} imgs, {args.teacher_epochs} ep); "
              f"{args.test_subset or 'all'} test imgs")
-    header = (f"# distill2deploy methods benchmark ({args.preset})\n\n`{command}`\n\n{title}. "
-              f"Wall time of this invocation: {wall / 60:.1f} min.\n\n")
-    from distill2deploy import _io
-
+    stages_min = sum(r.get("stage_seconds") or 0.0 for r in rows) / 60
+    header = (f"# distill2deploy methods benchmark ({args.preset})\n\n`{trained_by['command']}`\n\n{title}. "
+              f"Stage time of all runs: {stages_min:.1f} min; wall time of the training invocation: "
+              f"{trained_by['wall_seconds'] / 60:.1f} min.\n\n")
     _io.write_text(out / "results.md", header + table)
-    _io.write_json(out / "results.json", {"command": command, "settings": settings, "data_dir": str(data_dir),
-                                          "wall_seconds": round(wall, 1), "runs": students, "teachers": teachers,
-                                          "spread": spreads,
+    _io.write_json(out / "results.json", {"trained_by": trained_by, "tabulated_by": command, "settings": settings,
+                                          "data_dir": str(data_dir), "stage_seconds": round(60 * stages_min, 1),
+                                          "runs": students, "teachers": teachers, "spread": spreads,
                                           "commands": {r.name: shlex.join(r.command) for r in done}})
     plot(students, out / "methods.png", title)
     print("\n" + table)
-    print(f"wall time {wall / 60:.1f} min; wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'methods.png'}")
+    print(f"stage time of all runs {stages_min:.1f} min; wall time {wall / 60:.1f} min; wrote {out / 'results.md'}, "
+          f"{out / 'results.json'}, {out / 'methods.png'}")
     return 0 if all(r.status in ("done", "cached") for r in done) else 1
 
 
