@@ -8,6 +8,8 @@ them out of DDP and out of the training checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import _schema
+from ..errors import UserError
 
 
 @dataclass
@@ -75,9 +78,23 @@ class DistillMethod(nn.Module):
         self._frozen_teachers: list[nn.Module] = list(teachers)
 
     # --- configuration -------------------------------------------------------------------
+    #: option fields that must be > 0; every other number must be finite and >= 0 (0 switches a term off)
+    positive_options: ClassVar[tuple[str, ...]] = ("temperature",)
+
     @classmethod
     def parse_options(cls, options: dict[str, Any]) -> Any:
-        return _schema.parse(cls.Options, options, where="distill.options")
+        """Typed options from the config's mapping, range-checked when the config loads."""
+        return cls.validate_options(_schema.parse(cls.Options, options, where="distill.options"))
+
+    @classmethod
+    def validate_options(cls, options: Any) -> Any:
+        check_numbers(options, positive=cls.positive_options)
+        return cls.check_options(options)
+
+    @classmethod
+    def check_options(cls, options: Any) -> Any:
+        """Cross-field checks a method needs beyond the number ranges (override; return ``options``)."""
+        return options
 
     @classmethod
     def options_dict(cls, options: Any) -> dict[str, Any]:
@@ -110,3 +127,29 @@ class DistillMethod(nn.Module):
                 progress: float) -> StepOutput:
         """One step's losses. ``progress`` is the fractional epoch (for warm-ups)."""
         raise NotImplementedError
+
+
+def check_numbers(options: Any, where: str = "distill.options",
+                  positive: Iterable[str] = ("temperature",)) -> Any:
+    """Range checks the option types cannot express, run when the config is loaded.
+
+    Every number (weights, warm-up epochs, ...) must be finite and ``>= 0``, where 0 switches a
+    term off; the fields named in ``positive`` (a temperature, a learning rate) must be ``> 0``.
+    ``None`` means "use the default" and is not checked. Returns ``options`` for chaining.
+    """
+    strict = set(positive)
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        is_positive = f.name in strict
+        if not math.isfinite(value) or value < 0 or (is_positive and value == 0):
+            if f.name == "temperature":
+                fix = "use a positive temperature (4 is the usual CIFAR-100 choice)"
+            elif is_positive:
+                fix = "use a positive value"
+            else:
+                fix = "use 0 to disable the term, or a positive value"
+            raise UserError(f"{f.name} must be a finite number {'> 0' if is_positive else '>= 0'}, got {value!r}",
+                            where=f"{where}.{f.name}", fix=fix)
+    return options

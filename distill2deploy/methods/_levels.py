@@ -7,10 +7,8 @@ take part.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -22,32 +20,6 @@ from ..errors import UserError
 from ..models.factory import ResizeInput, extract, stage_count
 
 T = TypeVar("T")
-
-
-def check_numbers(options: Any, where: str = "distill.options",
-                  positive: Iterable[str] = ("temperature",)) -> Any:
-    """Range checks the option types cannot express, run when the config is loaded.
-
-    Every number (weights, warm-up epochs, ...) must be finite and ``>= 0``, where 0 switches a
-    term off; the fields named in ``positive`` (a temperature, a learning rate) must be ``> 0``.
-    ``None`` means "use the default" and is not checked. Returns ``options`` for chaining.
-    """
-    strict = set(positive)
-    for f in dataclasses.fields(options):
-        value = getattr(options, f.name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            continue
-        is_positive = f.name in strict
-        if not math.isfinite(value) or value < 0 or (is_positive and value == 0):
-            if f.name == "temperature":
-                fix = "use a positive temperature (4 is the usual CIFAR-100 choice)"
-            elif is_positive:
-                fix = "use a positive value"
-            else:
-                fix = "use 0 to disable the term, or a positive value"
-            raise UserError(f"{f.name} must be a finite number {'> 0' if is_positive else '>= 0'}, got {value!r}",
-                            where=f"{where}.{f.name}", fix=fix)
-    return options
 
 
 def mask_logs(masks: losses.ErrorMasks, prefix: str = "") -> dict[str, Tensor]:

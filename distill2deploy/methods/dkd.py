@@ -12,7 +12,6 @@ beta: the paper uses 8 for its confident teachers (ResNet32x4) and 2 for ResNet-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,7 +19,7 @@ from torch import Tensor
 from .. import losses
 from .._schema import doc
 from ._base import DistillMethod, StepOutput, TeacherOutput
-from ._levels import check_numbers, teacher_diagnostics
+from ._levels import teacher_diagnostics
 from ._registry import register_method
 
 
@@ -38,10 +37,6 @@ class DKDOptions:
 class DKD(DistillMethod):
     name = "dkd"
     Options = DKDOptions
-
-    @classmethod
-    def parse_options(cls, options: dict[str, Any]) -> Any:
-        return check_numbers(super().parse_options(options))
 
     def forward(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
                 progress: float) -> StepOutput:

@@ -25,7 +25,7 @@ from .._schema import doc
 from ..errors import UserError
 from ..models.factory import create_model
 from ._base import DistillMethod, OptimizerSpec, StepOutput, TeacherOutput
-from ._levels import architecture, check_numbers, teacher_diagnostics
+from ._levels import architecture, teacher_diagnostics
 from ._registry import register_method
 
 TEACHER = "teacher"
@@ -42,7 +42,6 @@ class DMLOptions:
 
 
 def _check_options(options: DMLOptions, where: str = "distill.options") -> DMLOptions:
-    check_numbers(options, where)
     if options.peers.count(TEACHER) > 1:
         raise UserError("'teacher' is listed more than once; there is one teacher network",
                         where=f"{where}.peers", fix="list 'teacher' at most once")
@@ -77,8 +76,8 @@ class DML(DistillMethod):
     uses_teacher = False  # per instance: true when the options list 'teacher' (see needs_teacher)
 
     @classmethod
-    def parse_options(cls, options: dict[str, Any]) -> Any:
-        return _check_options(super().parse_options(options))
+    def check_options(cls, options: Any) -> Any:
+        return _check_options(options)
 
     @classmethod
     def needs_teacher(cls, options: Any) -> bool:

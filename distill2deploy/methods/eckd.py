@@ -29,7 +29,7 @@ from .._schema import doc
 from ..errors import UserError
 from ..models.factory import extract
 from ._base import DistillMethod, OptimizerSpec, StepOutput, TeacherOutput
-from ._levels import aux_head, check_levels, check_numbers, default_levels, feature_shapes, mask_logs
+from ._levels import aux_head, check_levels, default_levels, feature_shapes, mask_logs
 
 AUGMENTS = ("none", "rotate", "flip")
 
@@ -115,9 +115,7 @@ class ECKDBase(DistillMethod):
             self._frozen_teachers = []
 
     # --- configuration ----------------------------------------------------------------------
-    @classmethod
-    def parse_options(cls, options: dict[str, Any]) -> Any:
-        return check_numbers(super().parse_options(options), positive=("temperature", "teacher_lr"))
+    positive_options = ("temperature", "teacher_lr")
 
     def _wants_levels(self) -> bool:
         return True

@@ -25,7 +25,7 @@ from .._schema import doc
 from ..errors import UserError
 from ..models.factory import extract
 from ._base import DistillMethod, StepOutput, TeacherOutput
-from ._levels import (adapter, check_levels, check_numbers, default_levels, feature_shapes, match_size,
+from ._levels import (adapter, check_levels, default_levels, feature_shapes, match_size,
                       teacher_diagnostics)
 from ._registry import register_method
 
@@ -41,7 +41,6 @@ class FitNetOptions:
 
 
 def _check_options(options: FitNetOptions, where: str = "distill.options") -> FitNetOptions:
-    check_numbers(options, where)
     if options.hint is not None and len(options.hint) != 2:
         raise UserError(f"hint must be one [teacher_stage, student_stage] pair, got {options.hint!r}",
                         where=f"{where}.hint", fix="e.g. hint: [2, 5], or null for the default pair")
@@ -65,8 +64,8 @@ class FitNet(DistillMethod):
     Options = FitNetOptions
 
     @classmethod
-    def parse_options(cls, options: dict[str, Any]) -> Any:
-        return _check_options(super().parse_options(options))
+    def check_options(cls, options: Any) -> Any:
+        return _check_options(options)
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], options: FitNetOptions, *, num_classes: int,
                  input_size: int) -> None:

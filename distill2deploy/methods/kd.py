@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -10,7 +9,7 @@ from torch import Tensor
 from .. import losses
 from .._schema import doc
 from ._base import DistillMethod, StepOutput, TeacherOutput
-from ._levels import check_numbers, teacher_diagnostics
+from ._levels import teacher_diagnostics
 from ._registry import register_method
 
 
@@ -25,10 +24,6 @@ class KDOptions:
 class KD(DistillMethod):
     name = "kd"
     Options = KDOptions
-
-    @classmethod
-    def parse_options(cls, options: dict[str, Any]) -> Any:
-        return check_numbers(super().parse_options(options))
 
     def forward(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
                 progress: float) -> StepOutput:

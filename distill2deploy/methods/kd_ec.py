@@ -7,7 +7,6 @@ reduced to one level and one direction, written out because it is a modifier of 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -15,7 +14,7 @@ from torch import Tensor
 from .. import losses
 from .._schema import doc
 from ._base import DistillMethod, StepOutput, TeacherOutput
-from ._levels import check_numbers, mask_logs
+from ._levels import mask_logs
 from ._registry import register_method
 
 
@@ -31,10 +30,6 @@ class KDECOptions:
 class KDEC(DistillMethod):
     name = "kd_ec"
     Options = KDECOptions
-
-    @classmethod
-    def parse_options(cls, options: dict[str, Any]) -> Any:
-        return check_numbers(super().parse_options(options))
 
     def forward(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
                 progress: float) -> StepOutput:

@@ -27,7 +27,7 @@ from .._schema import doc
 from ..errors import UserError, suggest
 from ..models.factory import create_model
 from ._base import DistillMethod, StepOutput, TeacherOutput
-from ._levels import check_numbers, teacher_diagnostics
+from ._levels import teacher_diagnostics
 from ._registry import register_method
 
 WHERE = "distill.options"
@@ -62,7 +62,6 @@ def _count(n: int, noun: str) -> str:
 
 
 def _check_options(o: MultiTeacherOptions) -> MultiTeacherOptions:
-    check_numbers(o, WHERE)
     n = 1 + len(o.extra_teachers)
     if o.weights is not None:
         if len(o.weights) != n:
@@ -113,13 +112,13 @@ class MultiTeacher(DistillMethod):
     Options = MultiTeacherOptions
 
     @classmethod
-    def parse_options(cls, options: dict[str, Any]) -> Any:
-        return _check_options(super().parse_options(options))
+    def check_options(cls, options: Any) -> Any:
+        return _check_options(options)
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], options: MultiTeacherOptions, *,
                  num_classes: int, input_size: int) -> None:
         super().__init__(student, teachers, options, num_classes=num_classes, input_size=input_size)
-        _check_options(options)  # also when built directly, not through parse_options
+        self.validate_options(options)  # also when built directly, not through parse_options
         for i, spec in enumerate(options.extra_teachers):
             self._frozen_teachers.append(build_extra_teacher(spec, i, num_classes=num_classes,
                                                              input_size=input_size))

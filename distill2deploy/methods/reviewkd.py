@@ -41,7 +41,7 @@ from .._schema import doc
 from ..errors import UserError
 from ..models.factory import ResizeInput, extract, stage_count
 from ._base import DistillMethod, StepOutput, TeacherOutput
-from ._levels import (check_levels, check_numbers, default_levels, dry_run, feature_shapes, match_size,
+from ._levels import (check_levels, default_levels, dry_run, feature_shapes, match_size,
                       teacher_diagnostics)
 from ._registry import register_method
 
@@ -64,7 +64,6 @@ class ReviewKDOptions:
 
 
 def _check_options(options: ReviewKDOptions, where: str = "distill.options") -> ReviewKDOptions:
-    check_numbers(options, where, positive=("temperature", "max_mid_channels"))
     if not options.hcl_levels or any(level < 1 for level in options.hcl_levels):
         raise UserError(f"hcl_levels must be positive pooling sizes, got {options.hcl_levels!r}",
                         where=f"{where}.hcl_levels", fix="use e.g. [4, 2, 1] (the paper's choice)")
@@ -128,9 +127,11 @@ class ReviewKD(DistillMethod):
     name = "reviewkd"
     Options = ReviewKDOptions
 
+    positive_options = ("temperature", "max_mid_channels")
+
     @classmethod
-    def parse_options(cls, options: dict[str, Any]) -> Any:
-        return _check_options(super().parse_options(options))
+    def check_options(cls, options: Any) -> Any:
+        return _check_options(options)
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], options: ReviewKDOptions, *,
                  num_classes: int, input_size: int) -> None:
