@@ -1,0 +1,142 @@
+"""Two "machines" on loopback: two launchers (``--num_machines 2``), one process each.
+
+The reference is a 2-process run on one machine with the same global batch: the same computation
+(DDP over two shards of every global batch), so the trained weights must match whether the two
+machines share one run directory or each has its own. With separate run directories the second
+machine gets the teacher's weights from rank 0 and keeps its own checkpoint, so a rerun resumes
+on both; a rank that cannot see an input stops every rank with one message and exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, SAMPLE_NPZ, WEIGHTS, need_shared
+from .test_distributed import _free_port, _trained
+
+pytestmark = pytest.mark.slow
+
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def _args(run_dir: Path, *extra: str, checkpoint: str | None = None) -> list[str]:
+    """A 1-epoch KD run on 64 images, global batch 32: two optimizer steps of 2 x 16 images."""
+    return ["-m", "distill2deploy", "distill", "quickstart", "--out", str(run_dir),
+            "-o", f"data.source=npz:{SAMPLE_NPZ}", "-o", "teacher.model=resnet20_cifar",
+            "-o", f"teacher.checkpoint={checkpoint or WEIGHTS / 'cifar100_resnet20.pth'}",
+            "-o", "data.subset.train=64", "-o", "data.subset.test=64", "-o", "data.num_workers=0",
+            "-o", "distill.epochs=1", "-o", "distill.batch_size=32", "-o", "distill.method=kd", *extra]
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(REPO)}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    return env
+
+
+def _two_machines(run_dirs: tuple[Path, Path], *extra: str, cwds: tuple[Path, Path] = (REPO, REPO),
+                  checkpoint: str | None = None) -> list[subprocess.CompletedProcess]:
+    """Start machine 0 and machine 1 as two launchers that meet on 127.0.0.1."""
+    port = str(_free_port())
+    procs = [subprocess.Popen([*LAUNCH, "--num_machines", "2", "--machine_rank", str(m), "--main_process_ip",
+                               "127.0.0.1", "--main_process_port", port,
+                               *_args(run_dirs[m], *extra, checkpoint=checkpoint)],
+                              cwd=cwds[m], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for m in (0, 1)]
+    done = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return done
+
+
+def _ok(results: list[subprocess.CompletedProcess]) -> None:
+    for m, r in enumerate(results):
+        assert r.returncode == 0, f"machine {m}:\n" + r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def one_machine(tmp_path_factory) -> Path:
+    """The reference: 2 processes on one machine, same global batch."""
+    need_shared()
+    run_dir = tmp_path_factory.mktemp("one_machine")
+    r = subprocess.run([*LAUNCH, "--num_machines", "1", "--main_process_port", str(_free_port()), *_args(run_dir)],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return run_dir
+
+
+def _same_result(reference: Path, run_dir: Path) -> None:
+    rows = [json.loads((d / "distill" / "metrics.jsonl").read_text().splitlines()[-1]) for d in (reference, run_dir)]
+    assert rows[0]["processes"] == rows[1]["processes"] == 2
+    assert rows[0]["train_images"] == rows[1]["train_images"] == 64
+    for k, v in rows[0].items():
+        if k.startswith(("train_", "test_")):
+            assert rows[1][k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
+    a, b = _trained(reference / "distill" / "student.pt"), _trained(run_dir / "distill" / "student.pt")
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
+
+
+def test_two_machines_sharing_one_run_directory_match_one_machine(one_machine, tmp_path):
+    shared = tmp_path / "run"
+    results = _two_machines((shared, shared))
+    _ok(results)
+    assert results[0].stdout.count("▶ distill") == 1 and "▶" not in results[1].stdout
+    _same_result(one_machine, shared)
+
+
+def test_two_machines_with_their_own_run_directories_match_one_machine_and_resume(one_machine, tmp_path):
+    dirs = (tmp_path / "m0", tmp_path / "m1")
+    _ok(_two_machines(dirs))
+    _same_result(one_machine, dirs[0])
+    # Artifacts only on rank 0's machine; machine 1 holds what its rank read or needs to resume.
+    assert (dirs[0] / "distill" / "stage.json").is_file() and not (dirs[1] / "distill" / "stage.json").exists()
+    manifest = json.loads((dirs[0] / "teacher" / "stage.json").read_text())
+    assert (dirs[1] / "teacher" / "teacher.pt").read_bytes() == (dirs[0] / "teacher" / "teacher.pt").read_bytes()
+    assert manifest["outputs"]["weights"]["path"] == "teacher/teacher.pt"
+    assert (dirs[1] / "distill" / "checkpoints" / "last" / "random_states_1.pkl").is_file()
+    assert not list(dirs[0].glob(".d2d-machine-*")) and not list(dirs[1].glob(".d2d-machine-*"))
+
+    # A rerun of the training stage finds the checkpoint on both machines and resumes from it.
+    results = _two_machines(dirs, "--force", "distill")
+    _ok(results)
+    for r in results:
+        assert "resuming after epoch 1/1" in r.stdout + r.stderr
+    _same_result(one_machine, dirs[0])
+
+    # Without machine 1's copy, both stop before training and say where it must be.
+    (dirs[1] / "distill" / "checkpoints" / "last" / "trainer_state.json").unlink()
+    results = _two_machines(dirs, "--force", "distill")
+    for m, r in enumerate(results):
+        assert r.returncode != 0
+        assert "error: multi-process run: the processes disagree on the checkpoint to resume from" in r.stderr, \
+            f"machine {m}: " + r.stderr[-3000:]
+        assert f"machine 1 (" in r.stderr and f"none usable at {dirs[1] / 'distill' / 'checkpoints' / 'last'}" in r.stderr
+        assert "Traceback" not in r.stderr.split("error: ")[0] and "exitcode  : 2" in r.stderr
+
+
+def test_an_input_missing_on_one_machine_stops_both_with_one_message(tmp_path):
+    """The same config names a relative checkpoint path that exists only where machine 0 starts."""
+    need_shared()
+    cwds = (tmp_path / "cwd0", tmp_path / "cwd1")
+    for d in cwds:
+        d.mkdir()
+    (cwds[0] / "teacher.pth").symlink_to(WEIGHTS / "cifar100_resnet20.pth")
+    results = _two_machines((tmp_path / "m0", tmp_path / "m1"), cwds=cwds, checkpoint="teacher.pth")
+    for r in results:
+        assert r.returncode != 0
+        err = r.stderr[r.stderr.index("error: "):]
+        assert err.startswith("error: the teacher stage's inputs, machine 1 (")
+        assert "rank 1: teacher.checkpoint: file not found: teacher.pth" in err
+        assert "Traceback" not in r.stderr.split("error: ")[0] and "exitcode  : 2" in r.stderr
+    assert not (tmp_path / "m0" / "teacher").exists()
