@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,58 @@ def test_an_input_missing_on_one_machine_stops_both_with_one_message(tmp_path):
         assert "rank 1: teacher.checkpoint: file not found: teacher.pth" in err
         assert "Traceback" not in r.stderr.split("error: ")[0] and "exitcode  : 2" in r.stderr
     assert not (tmp_path / "m0" / "teacher").exists()
+
+
+# ------------------------------------------------------------------ the agreement helpers, in-process
+def _three_machines(rank: int, port: int, root: str, results) -> None:  # noqa: ANN001  (a spawned process)
+    """Rank ``rank`` of 3 processes, each its own "machine" (local rank 0): runs every scenario."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="3", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    from distill2deploy import distributed
+    from distill2deploy.errors import UserError
+
+    out: dict[str, object] = {}
+
+    def attempt(name: str, fn) -> None:  # noqa: ANN001
+        try:
+            out[name] = fn()
+        except UserError as e:
+            out[name] = "error: " + e.format()
+
+    root_dir = Path(root)
+    attempt("shared", lambda: distributed.check_start("c", root_dir / "shared"))
+    attempt("separate", lambda: distributed.check_start("c", root_dir / f"own{rank}"))
+    attempt("mixed", lambda: distributed.check_start("c", root_dir / ("pair" if rank < 2 else "own2")))
+    attempt("config", lambda: distributed.check_start("c" if rank != 1 else "d", root_dir / "shared"))
+
+    def fails_on_two() -> None:
+        with distributed.agree("loading"):
+            if rank == 2:
+                raise UserError("nothing here", where="data.source", fix="copy it")
+    attempt("agree", fails_on_two)
+    attempt("main", lambda: distributed.on_main("asking", lambda: f"from {rank}"))
+    results[rank] = out
+
+
+def test_ranks_agree_on_the_layout_and_stop_together(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Manager().dict()
+    port = _free_port()
+    procs = [ctx.Process(target=_three_machines, args=(r, port, str(tmp_path), results)) for r in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    for r in range(3):
+        out = results[r]
+        assert out["shared"] is True and out["separate"] is False and out["main"] == "from 0"
+        assert out["mixed"].startswith("error: --out: the run directory is shared by some machines but not by all")
+        assert "machine 2 (" in out["mixed"] and "sees the run directories of machine 2" in out["mixed"]
+        assert out["config"].startswith("error: multi-process run: the processes disagree on the config")
+        assert "rank 1: config " in out["config"]
+        assert out["agree"] == (f"error: loading, machine 2 ({socket.gethostname()}), rank 2: data.source: "
+                                "nothing here\n  fix: copy it")
+    assert not list(tmp_path.rglob(".d2d-machine-*"))
