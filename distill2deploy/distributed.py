@@ -179,9 +179,13 @@ def check_start(cfg_sha256: str, run_dir: Path, command: Any = None) -> bool:
     lead = here.local_rank == 0
     token = uuid.uuid4().hex
     mine = run_dir / f".d2d-machine-{here.rank}.token"
-    with agree(f"writing to the run directory {run_dir}"):
+    with agree("checking the run directory"):
         if lead:
-            _io.write_text(mine, token)
+            try:
+                _io.write_text(mine, token)
+            except OSError as e:
+                raise UserError(f"cannot write to the run directory {run_dir} ({e.strerror or e})", where="--out",
+                                fix="give a directory this machine can write to") from None
     tokens = {place.rank: t for place, t in _gather(token if lead else None) if t is not None}
     seen = None
     if lead:
