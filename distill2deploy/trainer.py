@@ -43,12 +43,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from . import _io
+from . import _io, distributed
 from .augment import BatchAugment
 from .config import DataConfig, DistillConfig, ScheduleConfig
 from .data import DataSource, ImageDataset, Split, eval_transform, train_transform
@@ -104,11 +104,12 @@ def process_state() -> PartialState:
     return PartialState(cpu=_force_cpu())
 
 
-def make_accelerator(cfg: DistillConfig) -> Accelerator:
+def make_accelerator(cfg: DistillConfig, *, save_on_each_node: bool = False) -> Accelerator:
     """One Accelerator per process and run: DDP and mixed precision come from here.
 
     Gradient accumulation is done by the trainer (see the module docstring), so the Accelerator
-    itself accumulates nothing.
+    itself accumulates nothing. ``save_on_each_node``: machines without a shared run directory
+    each keep a full checkpoint (see :mod:`distill2deploy.distributed`).
     """
     cpu = _force_cpu()
     state = PartialState(cpu=cpu)
@@ -129,7 +130,8 @@ def make_accelerator(cfg: DistillConfig) -> Accelerator:
         # Another run in this (single) process used another precision, e.g. two CLI calls in one test
         # session; the Accelerate singleton would refuse the new one.
         AcceleratorState._reset_state()
-    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, step_scheduler_with_optimizer=False)
+    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, step_scheduler_with_optimizer=False,
+                       project_config=ProjectConfiguration(save_on_each_node=save_on_each_node))
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -486,11 +488,11 @@ def _train(accelerator: Accelerator, method: DistillMethod, source: DataSource, 
     metrics_path = out_dir / "metrics.jsonl"
     pos_epoch, pos_step, best, best_epoch, resumed = 0, 0, -1.0, -1, None
     partial: dict[str, float] = {}
-    if main:
+    if distributed.writes_checkpoint(accelerator):
         _recover_checkpoint(ckpt_dir)
     accelerator.wait_for_everyone()
     state = _read_state(ckpt_dir)
-    if state is not None and state.get("key") == key and state.get("version") == STATE_VERSION:
+    if distributed.check_resume(state, key, STATE_VERSION, ckpt_dir):
         accelerator.load_state(str(ckpt_dir))
         pos_epoch, pos_step = state["next_epoch"], state["next_step"]
         best, best_epoch, partial = state["best_top1"], state["best_epoch"], state.get("partial", {})
@@ -498,7 +500,7 @@ def _train(accelerator: Accelerator, method: DistillMethod, source: DataSource, 
         where = (f"after epoch {pos_epoch}/{schedule.epochs}" if pos_step == 0 else
                  f"in epoch {pos_epoch + 1}/{schedule.epochs} at step {pos_step}/{steps_per_epoch}")
         accelerator.print(f"[{desc}] resuming {where} from {ckpt_dir}")
-    elif main:
+    elif distributed.writes_checkpoint(accelerator):
         if ckpt_dir.exists():
             shutil.rmtree(ckpt_dir)  # from another config: not resumable
         metrics_path.unlink(missing_ok=True)
@@ -648,12 +650,12 @@ def _save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, state: dict[str, 
     ``safe_serialization=False``: safetensors refuses channels_last (non-contiguous) weights.
     """
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".partial")
-    if accelerator.is_main_process and tmp.exists():
+    if distributed.writes_checkpoint(accelerator) and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=False)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if distributed.writes_checkpoint(accelerator):
         _io.write_json(tmp / STATE_FILE, state)
         old = ckpt_dir.with_name(ckpt_dir.name + ".old")
         if old.exists():

@@ -35,12 +35,14 @@ class RunContext:
         self.cfg = cfg
         self.run_dir = run_dir
         self.manifests: dict[str, dict[str, Any]] = {}
+        #: False when each machine of a multi-machine run has its own run directory (see distributed.py)
+        self.run_dir_shared = True
 
     @cached_property
     def accelerator(self):  # noqa: ANN201  (accelerate is imported lazily: slow to import)
         from ..trainer import make_accelerator
 
-        return make_accelerator(self.cfg.distill)
+        return make_accelerator(self.cfg.distill, save_on_each_node=not self.run_dir_shared)
 
     @property
     def is_main(self) -> bool:
