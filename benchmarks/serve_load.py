@@ -14,9 +14,9 @@ speed -- and the pretrained ResNet-56 from ``--resnet56``) it
    keep-alive connections; the run stops by itself when every request is answered,
 4. reads the micro-batch sizes from the server's ``/metrics``, stops the server with SIGTERM.
 
-The load generator speaks HTTP/1.1 over asyncio streams directly: on a small machine it shares
-the CPUs with the server, and a full HTTP client library would cost several times more CPU per
-request than the server's own parsing, measuring the client instead of the server.
+The load generator speaks HTTP/1.1 over asyncio streams directly, on uvloop: on a small machine it
+shares the CPUs with the server, and a full HTTP client library would cost several times more CPU
+per request than the server's own parsing, measuring the client instead of the server.
 Results: a table on stdout and ``<out>/results.json``.
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import uvloop
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=["mobilenetv2_x0_5_cifar", "resnet56_cifar"])
     p.add_argument("--requests", type=int, default=2000, help="requests per model (default 2000)")
     p.add_argument("--concurrency", type=int, default=16, help="concurrent connections (default 16)")
+    p.add_argument("--images-per-request", type=int, nargs="+", default=[1],
+                   help="images in each request (1: raw PNG body; more: multipart); one load run per value")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads, server and raw")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-delay-ms", type=float, default=5.0)
@@ -96,10 +99,23 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return status, await reader.readexactly(length)
 
 
-async def run_load(port: int, path: str, bodies: list[bytes], n: int, concurrency: int) -> dict:
+def http_requests(path: str, pngs: list[bytes], per_request: int) -> list[bytes]:
+    """Ready-to-send HTTP/1.1 requests: a raw PNG body, or ``per_request`` PNGs as multipart files."""
+    if per_request == 1:
+        return [f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                f"Content-Length: {len(b)}\r\n\r\n".encode() + b for b in pngs]
+    out = []
+    for i in range(0, len(pngs) - per_request + 1, per_request):
+        body = b"".join(b"--d2dload\r\nContent-Disposition: form-data; name=\"file\"; filename=\"%d.png\"\r\n"
+                        b"Content-Type: image/png\r\n\r\n%b\r\n" % (j, pngs[i + j]) for j in range(per_request))
+        body += b"--d2dload--\r\n"
+        out.append(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                   f"boundary=d2dload\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    return out
+
+
+async def run_load(port: int, requests: list[bytes], n: int, concurrency: int) -> dict:
     """Send ``n`` POSTs over ``concurrency`` keep-alive connections; per-request latency and status."""
-    requests = [f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
-                f"Content-Length: {len(b)}\r\n\r\n".encode() + b for b in bodies]
     next_i, latencies, errors = 0, [], []
 
     async def client() -> None:
@@ -138,14 +154,24 @@ def batch_stats(metrics_text: str, model: str) -> dict:
     return {"batches": 0, "mean_batch": float("nan"), "hist": {}}
 
 
-def serve_and_load(onnx: Path, bodies: list[bytes], args: argparse.Namespace) -> dict:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def serve_and_load(onnx: Path, pngs: list[bytes], args: argparse.Namespace) -> list[dict]:
+    """Start the server, run one bounded load per ``--images-per-request`` value, stop it with SIGTERM."""
     import urllib.request
 
     port = free_port()
     cmd = [*PY, "serve", str(onnx), "--port", str(port), "--threads", str(args.threads), "--max-batch",
            str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms), "--log-level", "warning"]
     server = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    base = f"http://127.0.0.1:{port}"
+    base, runs = f"http://127.0.0.1:{port}", []
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -157,18 +183,25 @@ def serve_and_load(onnx: Path, bodies: list[bytes], args: argparse.Namespace) ->
                     raise RuntimeError(f"server did not start: {' '.join(cmd)}") from None
                 time.sleep(0.3)
         name = onnx.name.removesuffix(".onnx")
-        path = f"/v2/models/{name}/classify?top_k=1"
-        asyncio.run(run_load(port, path, bodies, 4 * args.concurrency, args.concurrency))  # warm-up
-        before = batch_stats(urllib.request.urlopen(f"{base}/metrics").read().decode(), name)
-        load = asyncio.run(run_load(port, path, bodies, args.requests, args.concurrency))
-        after = batch_stats(urllib.request.urlopen(f"{base}/metrics").read().decode(), name)
-        load["mean_batch"] = (load["requests"] / max(1, after["batches"] - before["batches"]))
-        load["batch_hist"] = after["hist"]
+        for per in args.images_per_request:
+            requests = http_requests(f"/v2/models/{name}/classify?top_k=1", pngs, per)
+            uvloop.run(run_load(port, requests, 4 * args.concurrency, args.concurrency))  # warm-up
+            before = batch_stats(urllib.request.urlopen(f"{base}/metrics").read().decode(), name)
+            cpu0 = _cpu_seconds(server.pid)
+            load = uvloop.run(run_load(port, requests, args.requests, args.concurrency))
+            cpu = _cpu_seconds(server.pid) - cpu0
+            after = batch_stats(urllib.request.urlopen(f"{base}/metrics").read().decode(), name)
+            images = load["requests"] * per
+            load.update(images_per_request=per, images_per_s=images / load["seconds"],
+                        mean_batch=images / max(1, after["batches"] - before["batches"]),
+                        server_cpu_ms_per_image=1e3 * cpu / images, batch_hist=after["hist"])
+            runs.append(load)
     finally:
         server.send_signal(signal.SIGTERM)
-        load_rc = server.wait(timeout=60)
-    load["server_exit_code"] = load_rc
-    return load
+        code = server.wait(timeout=60)
+    for load in runs:
+        load["server_exit_code"] = code
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,21 +217,24 @@ def main(argv: list[str] | None = None) -> int:
         onnx = export_model(model, args)
         raw = measure_latency(onnx, input_size=32, batch_sizes=[32], warmup=10, runs=args.raw_runs,
                               threads=args.threads, progress=False)["throughput_ips"]["32"]
-        load = serve_and_load(onnx, bodies, args)
-        rows.append({"model": model, "raw_ort_bs32_ips": raw, **load, "ratio": load["rps"] / raw})
-        print(f"{model}: {load['rps']:.0f} req/s vs raw {raw:.0f} img/s", flush=True)
+        for load in serve_and_load(onnx, bodies, args):
+            rows.append({"model": model, "raw_ort_bs32_ips": raw, **load, "ratio": load["images_per_s"] / raw})
+            print(f"{model} x{load['images_per_request']}: {load['images_per_s']:.0f} images/s vs raw {raw:.0f}",
+                  flush=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings["cpus"] = os.cpu_count()
     _io.write_json(args.out / "results.json", {"settings": settings, "rows": rows})
-    print(f"\n{args.requests} classify requests (one 32x32 PNG each) from {args.concurrency} connections on "
-          f"127.0.0.1; onnxruntime threads {args.threads}; --max-batch {args.max_batch} "
-          f"--max-delay-ms {args.max_delay_ms:g}; {os.cpu_count()} CPUs shared by server and load generator\n")
-    print("| model | served req/s (= images/s) | p50 ms | p99 ms | mean batch | errors | raw ORT bs32 images/s "
-          "| served / raw |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n{args.requests} classify requests per row from {args.concurrency} keep-alive connections on "
+          f"127.0.0.1 (real 32x32 CIFAR-100 PNGs); onnxruntime intra-op threads {args.threads} (server and raw); "
+          f"--max-batch {args.max_batch} --max-delay-ms {args.max_delay_ms:g}; {os.cpu_count()} CPUs shared by "
+          "server and load generator\n")
+    print("| model | images/request | requests/s | images/s | p50 ms | p99 ms | mean batch | errors "
+          "| server CPU ms/image | raw ORT bs32 images/s | served / raw |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch']:.1f} | "
-              f"{r['errors']} | {r['raw_ort_bs32_ips']:.0f} | {100 * r['ratio']:.0f}% |")
+        print(f"| {r['model']} | {r['images_per_request']} | {r['rps']:.0f} | {r['images_per_s']:.0f} | "
+              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch']:.1f} | {r['errors']} | "
+              f"{r['server_cpu_ms_per_image']:.2f} | {r['raw_ort_bs32_ips']:.0f} | {100 * r['ratio']:.0f}% |")
     return 1 if any(r["errors"] for r in rows) else 0
 
 
