@@ -45,11 +45,11 @@ def _free_port() -> int:
 class Server:
     """A ``serve`` subprocess; ``url`` is its base URL once ready."""
 
-    def __init__(self, model: Path, *extra: str) -> None:
+    def __init__(self, *args: str | Path) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "distill2deploy", "serve", str(model), "--host", "127.0.0.1",
-               "--port", str(self.port), "--threads", "1", *extra]
+        cmd = [sys.executable, "-m", "distill2deploy", "serve", *map(str, args), "--host", "127.0.0.1",
+               "--port", str(self.port), "--threads", "1"]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
         deadline = time.monotonic() + 120
@@ -60,8 +60,7 @@ class Server:
             except httpx.TransportError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server did not start:\n{self.proc.stdout.read()}")
+                raise RuntimeError(f"server did not start:\n{self.stop()[1]}")
             time.sleep(0.2)
 
     def stop(self) -> tuple[int, str]:
@@ -78,7 +77,8 @@ class Server:
 @pytest.fixture(scope="module")
 def server(resnet56_onnx: Path) -> Iterator[Server]:
     # A long batching delay makes concurrent requests reliably share batches on a loaded machine.
-    s = Server(resnet56_onnx, "--max-batch", "16", "--max-delay-ms", "50", "--max-body-mb", str(MAX_BODY_MB))
+    s = Server(resnet56_onnx, resnet56_onnx, "--name", "r56", "--name", "second", "--max-batch", "16",
+               "--max-delay-ms", "50", "--max-body-mb", str(MAX_BODY_MB))
     yield s
     s.stop()
 
@@ -129,6 +129,22 @@ def test_health_and_metadata(server: Server, resnet56_onnx: Path) -> None:
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 100]}]
     for key in ("class_names", "mean", "std", "input_size"):
         assert meta["parameters"][key] == want[key]
+    assert httpx.get(f"{server.url}/v2/models/second").json()["inputs"] == meta["inputs"]  # the second model
+
+
+def test_serve_startup_errors_are_user_errors(resnet56_onnx: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from distill2deploy.cli import main
+
+    assert main(["serve", str(tmp_path / "missing.onnx"), "--port", str(_free_port())]) == 2
+    assert "ONNX file not found" in capsys.readouterr().err
+    assert main(["serve", str(resnet56_onnx), str(resnet56_onnx), "--port", str(_free_port())]) == 2
+    assert "--name NAME once per model" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", str(resnet56_onnx), "--port", str(busy.getsockname()[1])]) == 2
+        assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
 
 
 def test_classify_batch_equals_onnxruntime_on_the_same_preprocessing(server: Server, resnet56_onnx: Path,
@@ -284,7 +300,8 @@ def test_sigterm_finishes_in_flight_requests(resnet56_onnx: Path, images: dict) 
     assert code == 0 and "server stopped on SIGTERM" in out, out
 
 
-def test_predict_cli_matches_the_server(server: Server, resnet56_onnx: Path, images: dict, tmp_path: Path) -> None:
+def test_predict_cli_matches_the_server(server: Server, resnet56_onnx: Path, images: dict, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
     paths = []
     for i, blob in enumerate([images["png"][5], images["jpg"][6]]):
         paths.append(tmp_path / f"img{i}.{'png' if i == 0 else 'jpg'}")
@@ -300,6 +317,10 @@ def test_predict_cli_matches_the_server(server: Server, resnet56_onnx: Path, ima
         assert [t["index"] for t in a["top_k"]] == [t["index"] for t in b["top_k"]]
         np.testing.assert_allclose([t["probability"] for t in a["top_k"]],
                                    [t["probability"] for t in b["top_k"]], atol=1e-5)
-    bad = subprocess.run([sys.executable, "-m", "distill2deploy", "predict", str(resnet56_onnx), str(tmp_path / "x.png")],
-                         cwd=REPO, capture_output=True, text=True)
-    assert bad.returncode == 2 and "image file not found" in bad.stderr and "Traceback" not in bad.stderr
+    from distill2deploy.cli import main
+
+    assert main(["predict", str(resnet56_onnx), str(tmp_path / "x.png")]) == 2
+    assert "image file not found" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not a picture")
+    assert main(["predict", str(resnet56_onnx), str(tmp_path / "notes.txt")]) == 2
+    assert "not an image" in capsys.readouterr().err

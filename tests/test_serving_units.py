@@ -154,3 +154,15 @@ def test_batcher_runs_an_oversized_request_alone_and_reports_errors_to_its_waite
 
     big, err, ok = asyncio.run(main())
     assert big.shape == (10, 1) and isinstance(err, ValueError) and ok.shape == (1, 1)
+
+
+def test_model_inputs_normalises_images_once_per_batch_and_keeps_tensors(rgb: np.ndarray) -> None:
+    from distill2deploy.serving.app import model_inputs
+
+    images = fit_images([rgb, rgb[::-1]], 16)
+    tensor = np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    x = model_inputs([images[:1], tensor, images[1:]], META)  # a classify, an infer, a classify
+    want = preprocess(images, mean=META["mean"], std=META["std"], input_size=16)
+    np.testing.assert_array_equal(x[0], want[0])
+    np.testing.assert_array_equal(x[1], tensor[0])
+    np.testing.assert_array_equal(x[2], want[1])

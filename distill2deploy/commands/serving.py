@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 from pathlib import Path
 
 from ..errors import UserError
@@ -81,14 +82,32 @@ def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.Argument
     p.set_defaults(handler=cmd_predict)
 
 
+def _check_can_listen(host: str, port: int) -> None:
+    """Fail before loading models when the address is taken (uvicorn would only log and exit 1)."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {port}", where="serve")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"cannot resolve --host {host!r} ({e.strerror})", where="serve",
+                        fix="use an address such as 127.0.0.1 or 0.0.0.0") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror})", where="serve",
+                            fix="pass a free --port, or stop the process that uses this one") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
     from ..serving import create_app
 
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port must be in 0..65535, got {args.port}", where="serve")
+    _check_can_listen(args.host, args.port)
     # Preprocessing runs one request per worker thread; torch's own pool per call would oversubscribe.
     torch.set_num_threads(1)
     threads = args.threads if args.threads is not None else default_threads()

@@ -25,6 +25,7 @@ import onnx
 from .. import _io
 from ..errors import UserError
 from .metadata import load_model, read_metadata
+from .validate import model_names
 
 #: ONNX element type -> Triton ``DataType`` enum name (the types an exported classifier can have).
 _TRITON_TYPES = {
@@ -94,10 +95,7 @@ def export_triton(onnx_paths: Sequence[str | os.PathLike[str]], repo: str | os.P
     Each model directory is built aside and renamed into place (:func:`_io.atomic_dir`), so a
     Triton polling the repository never sees half a model. Other models already in ``repo`` stay.
     """
-    names = list(names) if names else [Path(p).name.removesuffix(".onnx") for p in onnx_paths]
-    if len(names) != len(onnx_paths) or len(set(names)) != len(names):
-        raise UserError(f"model names must be unique, one per file, got {names}", where="export-triton",
-                        fix="rename the files or pass --name once per model")
+    names = model_names(onnx_paths, names, where="export-triton")
     written = []
     for path, name in zip(onnx_paths, names):
         meta = read_metadata(path)

@@ -32,6 +32,7 @@ from ..deploy.evaluate import make_session, run_batched
 from ..data import preprocess
 from ..deploy.images import decode_image, fit_images, top_k
 from ..deploy.metadata import read_metadata
+from ..deploy.validate import model_names
 from ..errors import UserError
 from .batcher import MicroBatcher
 from .metrics import ServerMetrics
@@ -68,10 +69,7 @@ class ServedModel:
 def load_models(paths: Sequence[str | os.PathLike[str]], *, names: Sequence[str] | None, threads: int,
                 max_batch: int, max_delay_s: float, metrics: ServerMetrics) -> dict[str, ServedModel]:
     """Sessions and batchers for ``paths``; a model's name is its file stem unless ``names`` says otherwise."""
-    names = list(names) if names else [Path(p).name.removesuffix(".onnx") for p in paths]
-    if len(names) != len(paths) or len(set(names)) != len(names):
-        raise UserError(f"model names must be unique, one per file, got {names}", where="serve",
-                        fix="rename the files or pass --name NAME once per model, in order")
+    names = model_names(paths, names, where="serve")
     models = {}
     for path, name in zip(paths, names):
         meta = read_metadata(path)  # a file without preprocessing metadata cannot be served correctly
