@@ -92,8 +92,9 @@ def model_inputs(parts: list[np.ndarray], meta: dict[str, Any]) -> np.ndarray:
     """One float32 batch from a micro-batch's parts, in order.
 
     uint8 parts are ``classify`` images (N, S, S, 3), already resized; they are normalised here with
-    one :func:`~distill2deploy.data.preprocess` call per batch, which costs about as much as one call
-    per image would. float32 parts are ``infer`` tensors, used as they are.
+    one :func:`~distill2deploy.data.preprocess` call per batch: its fixed cost is most of the work
+    for small images (measured here: about 0.9 ms for one 32x32 image, 0.06-0.08 ms per image in a
+    batch of 32). float32 parts are ``infer`` tensors, used as they are.
     """
     images = [p for p in parts if p.dtype == np.uint8]
     if images:
