@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from .commands import serving
 from .errors import UserError
 
 STAGE_CMDS = ("teacher", "distill", "export", "quantize", "validate", "report")
@@ -17,7 +18,9 @@ EXAMPLES = {
   distill2deploy pipeline mobilenet.yaml --force quantize
   distill2deploy export --model resnet56_cifar --checkpoint resnet56.pth --out resnet56.onnx
   distill2deploy quantize resnet56.onnx --data cifar100 --out resnet56.int8.onnx
-  distill2deploy validate resnet56.onnx resnet56.int8.onnx --data cifar100 --json results.json""",
+  distill2deploy validate resnet56.onnx resnet56.int8.onnx --data cifar100 --json results.json
+  distill2deploy serve resnet56.onnx --port 8000
+  distill2deploy predict resnet56.onnx cat.jpg --top-k 3""",
     "pipeline": """examples:
   distill2deploy pipeline quickstart.yaml            # ./quickstart.yaml or the bundled pipelines/quickstart.yaml
   distill2deploy pipeline mobilenet.yaml -o distill.method=ce -o seed=1 --out exports/mbv2_ce_seed1
@@ -102,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--root", help="root for the 'cifar100' source (default $D2D_DATA)")
+    serving.add_parsers(sub, common)
     return parser
 
 
@@ -229,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_config(args, "report")
         if args.command in ("teacher", "distill", "report"):
             return _run_config(args, args.command)
+        if hasattr(args, "handler"):  # commands defined in distill2deploy/commands/
+            return args.handler(args)
         return {"export": _cmd_export, "quantize": _cmd_quantize, "validate": _cmd_validate}[args.command](args)
     except UserError as e:
         if args.debug:

@@ -168,6 +168,11 @@ def _stats(mean: Sequence[float], std: Sequence[float]) -> tuple[list[float], li
     return mean, std
 
 
+def _resize(input_size: int) -> v2.Transform:
+    """The one resize of every transform (a no-op when the image already has the input size)."""
+    return v2.Resize((input_size, input_size), antialias=True)
+
+
 def _tail(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
     mean, std = _stats(mean, std)
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
@@ -179,7 +184,7 @@ def train_transform(*, input_size: int, mean: Sequence[float], std: Sequence[flo
 
     Resize is a no-op (torchvision returns the input) when the image already has the input size.
     """
-    ops: list[v2.Transform] = [v2.Resize((input_size, input_size), antialias=True)]
+    ops: list[v2.Transform] = [_resize(input_size)]
     if crop_padding > 0:
         ops.append(v2.RandomCrop(input_size, padding=crop_padding, fill=0, padding_mode="constant"))
     if hflip:
@@ -190,7 +195,23 @@ def train_transform(*, input_size: int, mean: Sequence[float], std: Sequence[flo
 def eval_transform(*, input_size: int, mean: Sequence[float],
                    std: Sequence[float]) -> Callable[[torch.Tensor], torch.Tensor]:
     """Deterministic: resize (when needed), scale to [0, 1], normalise; works on CHW and NCHW."""
-    return v2.Compose([v2.Resize((input_size, input_size), antialias=True), *_tail(mean, std)])
+    return v2.Compose([_resize(input_size), *_tail(mean, std)])
+
+
+def resize_images(images_uint8_nhwc: np.ndarray, *, input_size: int) -> np.ndarray:
+    """The resize step of :func:`preprocess` alone, uint8 NHWC in and out.
+
+    ``preprocess(resize_images(x, input_size=s), ..., input_size=s)`` equals ``preprocess(x, ...)``
+    exactly (torchvision resizes uint8 to uint8 in both). A server resizes each upload this way when
+    it arrives and normalises whole micro-batches later, once per batch.
+    """
+    x = np.asarray(images_uint8_nhwc)
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
+        raise UserError(f"expected uint8 images shaped (N, H, W, 3), got {x.dtype} {x.shape}")
+    if x.shape[1:3] == (input_size, input_size):
+        return x
+    t = _resize(input_size)(torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2))
+    return t.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def preprocess(images_uint8_nhwc: np.ndarray, *, mean: Sequence[float], std: Sequence[float],

@@ -32,3 +32,19 @@ def resnet56_weights() -> Path:
     if not p.is_file():
         pytest.skip(f"shared weights not at {p}")
     return p
+
+
+@pytest.fixture(scope="session")
+def resnet56_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pretrained ResNet-56 exported once per test session, as a user would (slow: ~25 s)."""
+    import subprocess
+    import sys
+
+    weights = WEIGHTS / "cifar100_resnet56.pth"
+    if not (weights.is_file() and SAMPLE_NPZ.is_file()):
+        pytest.skip("the shared sample data and ResNet-56 weights are needed")
+    out = tmp_path_factory.mktemp("onnx") / "r56.onnx"
+    subprocess.run([sys.executable, "-m", "distill2deploy", "export", "--model", "resnet56_cifar", "--checkpoint",
+                    str(weights), "--data", f"npz:{SAMPLE_NPZ}", "--out", str(out)], cwd=REPO, check=True,
+                   stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return out

@@ -11,12 +11,15 @@ from ..errors import UserError
 from .metadata import load_model
 
 
-def make_session(path: str | os.PathLike[str], *, threads: int | None = None) -> ort.InferenceSession:
+def make_session(path: str | os.PathLike[str], *, threads: int | None = None,
+                 spin: bool = True) -> ort.InferenceSession:
     """A CPU session with all graph optimisations (QDQ -> QLinear* fusion needs them).
 
     ``threads`` sets the intra-op thread count; ``None`` keeps onnxruntime's default (one per
     physical core). Inter-op parallelism stays off: these CNNs are a chain of ops, and a second
-    pool only competes for the same cores.
+    pool only competes for the same cores. ``spin=False`` stops idle intra-op threads from
+    busy-waiting for the next call: right for a server, whose event loop needs those cores between
+    batches; timing loops keep the default, which is faster for back-to-back calls.
     """
     p = Path(path)
     if threads is not None and int(threads) < 1:
@@ -27,6 +30,8 @@ def make_session(path: str | os.PathLike[str], *, threads: int | None = None) ->
     opts.inter_op_num_threads = 1
     if threads is not None:
         opts.intra_op_num_threads = int(threads)
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3  # onnxruntime's warnings are about its own fusions, not user input
     try:
         return ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])

@@ -22,6 +22,15 @@ def model_key(path: str | os.PathLike[str]) -> str:
     return name[: -len(".onnx")] if name.endswith(".onnx") else name
 
 
+def model_names(paths: Sequence[str | os.PathLike[str]], names: Sequence[str] | None, *, where: str) -> list[str]:
+    """One unique name per model file: ``names`` when given, else each file's :func:`model_key`."""
+    out = list(names) if names else [model_key(p) for p in paths]
+    if len(out) != len(paths) or len(set(out)) != len(out):
+        raise UserError(f"model names must be unique, one per file, got {out}", where=where,
+                        fix="rename the files or pass --name NAME once per model, in order")
+    return out
+
+
 def _fp32_sibling(key: str) -> str | None:
     return key[: -len(".int8")] if key.endswith(".int8") else None
 
