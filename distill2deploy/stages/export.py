@@ -18,7 +18,7 @@ from .teacher import build_teacher
 def model_config_hash(cfg: PipelineConfig) -> str:
     """Hash of everything that determines the exported weights (validation settings excluded)."""
     d = config_dict(cfg)
-    for k in ("name", "validate", "threads"):
+    for k in ("name", "validate", "quantize", "threads"):
         d.pop(k, None)
     d["data"].pop("num_workers", None)
     return _io.obj_sha256(d)
