@@ -134,13 +134,13 @@ class Stage:
         _io.replace_dir(work, ctx.run_dir / self.name)
         for other in (ctx.run_dir / WORK).glob(f"{self.name}-*"):
             shutil.rmtree(other, ignore_errors=True)
+        _remove_if_empty(ctx.run_dir / WORK)
 
     def abandon(self, ctx: RunContext, work: Path) -> None:
         """After a failure: keep a work directory only when it holds a checkpoint to resume from."""
         if self.staged and work.exists() and not (work / "checkpoints").exists():
             shutil.rmtree(work, ignore_errors=True)
-            if (ctx.run_dir / WORK).is_dir() and not any((ctx.run_dir / WORK).iterdir()):
-                (ctx.run_dir / WORK).rmdir()
+            _remove_if_empty(ctx.run_dir / WORK)
 
     # --- caching ---------------------------------------------------------------------
     def cache_key(self, ctx: RunContext) -> str:
@@ -181,6 +181,11 @@ class Stage:
                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         _io.write_json(work / MANIFEST, manifest)
         return manifest
+
+
+def _remove_if_empty(folder: Path) -> None:
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _checkpoint_key(stage_dir: Path) -> str | None:
