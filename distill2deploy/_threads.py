@@ -3,9 +3,9 @@
 PyTorch and onnxruntime each default to one thread per core and spin-wait between parallel regions.
 On cores shared with other processes (CI runners, several ``accelerate launch`` processes, other
 jobs) those threads wait on each other while descheduled: on this project's 2-core machine, under
-the load of other jobs, the quickstart's distill ran about 10x slower with PyTorch's default of 2
-threads than with 1 (README, "Measured here"). The pipeline therefore uses ``threads`` (default 1)
-per process, and a user who owns the cores raises it.
+the load of other jobs, a KD training step took 4.6-7.2x as long with PyTorch's default of 2 threads
+as with 1 (``benchmarks/threads.py``). The pipeline therefore uses ``threads`` (default 1) per
+process, and a user who owns the cores raises it.
 """
 from __future__ import annotations
 

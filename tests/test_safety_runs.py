@@ -100,6 +100,10 @@ def test_force_teacher_keeps_downstream_caches_and_force_distill_starts_over(fin
     assert stages["teacher"] == "done" and stages["distill"] == "cached" and stages["export"] == "cached"
     assert stages["quantize"] == "done"
 
+    assert main(quick_args(finished, "--threads", "2", "-o", "quantize.calib_samples=64")) == 0
+    stages = _stage_lines(capsys.readouterr().out)
+    assert [s for s, v in stages.items() if v == "done"] == ["validate", "report"]  # latency depends on threads
+
     assert main(quick_args(finished, "--force", "distill", "-o", "quantize.calib_samples=64")) == 0
     out = capsys.readouterr().out
     assert "resuming" not in out and _stage_lines(out)["distill"] == "done"
@@ -140,3 +144,28 @@ def test_damaged_checkpoint_or_edited_metrics_are_not_resumed(finished, capsys):
     out = capsys.readouterr()
     assert "not resuming" in out.err and victim.name in out.err and "training from scratch" in out.err
     assert student.read_bytes() == good  # retrained from scratch: bitwise the same run
+
+
+@pytest.mark.slow
+def test_reset_head_fine_tunes_a_100_class_teacher_on_10_classes(tmp_path, capsys):
+    """The documented path for a pretrained teacher on data with another class count."""
+    import torch
+
+    need_shared()
+    f = np.load(SAMPLE_NPZ)
+    keep = {s: f[f"y_{s}"] < 10 for s in ("train", "test")}
+    data = tmp_path / "ten.npz"
+    np.savez(data, **{f"{k}_{s}": f[f"{k}_{s}"][keep[s]] for k in ("x", "y") for s in ("train", "test")},
+             fine_label_names=f["fine_label_names"][:10])
+    args = ["teacher", "quickstart", "--out", str(tmp_path / "run"), "-o", f"data.source=npz:{data}",
+            "-o", "teacher.model=resnet20_cifar", "-o", f"teacher.checkpoint={WEIGHTS / 'cifar100_resnet20.pth'}",
+            "-o", "data.subset.train=null", "-o", "data.subset.test=null"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "teacher.reset_head: true" in err and "Traceback" not in err
+    assert main([*args, "-o", "teacher.reset_head=true", "-o", "teacher.train.epochs=1",
+                 "-o", "teacher.train.milestones=[1]", "-o", "teacher.train.lr=0.01"]) == 0
+    weights = torch.load(tmp_path / "run" / "teacher" / "teacher.pt")
+    assert weights["fc.weight"].shape[0] == 10
+    summary = json.loads((tmp_path / "run" / "teacher" / "stage.json").read_text())["summary"]
+    assert summary["num_classes"] == 10 and summary["trained_epochs"] == 1

@@ -98,22 +98,24 @@ class Stage:
         raise NotImplementedError
 
     # --- work directories --------------------------------------------------------------
-    #: build in a work directory and swap it in on success (the report writes at the top of the run)
-    staged: ClassVar[bool] = True
     #: files of a finished run that let a rerun with the same key resume instead of starting over
     resume_files: ClassVar[tuple[str, ...]] = ()
 
     def work_dir(self, ctx: RunContext, key: str) -> Path:
-        return ctx.run_dir / WORK / f"{self.name}-{key[:16]}" if self.staged else ctx.run_dir / self.name
+        return ctx.run_dir / WORK / f"{self.name}-{key[:16]}"
 
     def prepare_work(self, ctx: RunContext, key: str, *, fresh: bool) -> Path:
         """The directory :meth:`run` writes to. Unless ``fresh`` (``--force``), the finished stage's
         resume files are copied in when its checkpoint has this key: a deleted output is then rebuilt
         from the checkpoint instead of by retraining."""
         work = self.work_dir(ctx, key)
-        if not ctx.is_main or not self.staged:
+        if not ctx.is_main:
             return work
+        if work.exists() and not self.resume_files:  # a killed run's partial outputs: nothing to resume
+            shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
+        for junk in work.glob(".*"):  # temp files and scratch folders of a killed run
+            shutil.rmtree(junk) if junk.is_dir() else junk.unlink()
         done = ctx.run_dir / self.name
         if fresh or not self.resume_files or any((work / f).exists() for f in self.resume_files):
             return work
@@ -129,8 +131,6 @@ class Stage:
 
     def publish(self, ctx: RunContext, work: Path) -> None:
         """Swap the finished work directory in as ``<run>/<stage>``; drop work left by other configs."""
-        if not self.staged:
-            return
         _io.replace_dir(work, ctx.run_dir / self.name)
         for other in (ctx.run_dir / WORK).glob(f"{self.name}-*"):
             shutil.rmtree(other, ignore_errors=True)
@@ -138,7 +138,7 @@ class Stage:
 
     def abandon(self, ctx: RunContext, work: Path) -> None:
         """After a failure: keep a work directory only when it holds a checkpoint to resume from."""
-        if self.staged and work.exists() and not (work / "checkpoints").exists():
+        if work.exists() and not (work / "checkpoints").exists():
             shutil.rmtree(work, ignore_errors=True)
             _remove_if_empty(ctx.run_dir / WORK)
 
