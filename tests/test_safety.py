@@ -354,3 +354,13 @@ def test_export_refuses_non_finite_weights(tmp_path):
     with pytest.raises(UserError, match="NaN or infinite"):
         export_onnx(model, tmp_path / "m.onnx", input_size=8, metadata={}, exporter="torchscript")
     assert not any(tmp_path.iterdir())
+
+
+def test_out_that_is_a_file_is_a_message(tmp_path, capsys):
+    target = tmp_path / "results.txt"
+    target.write_text("not a directory")
+    code, err = run_cli(capsys, "pipeline", "quickstart", "--out", str(target))
+    assert_user_error(code, err, str(target))
+    assert target.read_text() == "not a directory"
+    code, err = run_cli(capsys, "export", "--model", "resnet20_cifar", "--out", str(tmp_path))
+    assert_user_error(code, err, "--out", "is a directory")
