@@ -38,7 +38,6 @@ def max_opset() -> int:
     return int(ONNX_MAX_OPSET)
 
 
-
 @dataclass
 class SubsetConfig:
     train: int | None = doc(None, "keep this many training images (stratified by class); null keeps all (a "

@@ -566,6 +566,7 @@ def _train(accelerator: Accelerator, method: DistillMethod, source: DataSource, 
                     "key": key, "version": STATE_VERSION, "next_epoch": epoch, "next_step": step + 1,
                     "best_top1": best, "best_epoch": best_epoch, "world_size": world,
                     "partial": {k: float(v) for k, v in zip(keys, totals.tolist())}})
+                finite.saved = ckpt_dir
         train_seconds = time.perf_counter() - epoch_t0
         finite.check()
         for s in stepper.schedulers:
