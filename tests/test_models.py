@@ -253,7 +253,7 @@ def test_checkpoint_that_does_not_fit(tmp_path: Path) -> None:
         create_model("resnet20_cifar", num_classes=10, checkpoint=path)
     msg = str(e.value)
     assert "fc.weight (100, 64) vs (10, 64)" in msg
-    assert "num_classes: 100" in msg and "--num-classes" in msg
+    assert "num_classes=100" in msg and "--num-classes 100" in msg  # a real argument and flag, not a config key
     with pytest.raises(UserError) as e:
         create_model("resnet32_cifar", num_classes=100, checkpoint=path)
     assert "missing keys: layer1.3" in str(e.value) and "model name" in str(e.value)
