@@ -115,7 +115,10 @@ class Stage:
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
         for junk in work.glob(".*"):  # temp files and scratch folders of a killed run
-            shutil.rmtree(junk) if junk.is_dir() else junk.unlink()
+            if junk.is_dir():
+                shutil.rmtree(junk)
+            else:
+                junk.unlink()
         done = ctx.run_dir / self.name
         if fresh or not self.resume_files or any((work / f).exists() for f in self.resume_files):
             return work
