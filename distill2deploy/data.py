@@ -166,7 +166,7 @@ def warn_default_stats(split: Split, mean: Sequence[float], std: Sequence[float]
     if [float(v) for v in mean] != list(defaults[0]) or [float(v) for v in std] != list(defaults[1]):
         return  # chosen by the user
     x = split.images[:: max(1, len(split) // sample)].reshape(-1, 3).astype(np.float32) / 255.0
-    m, s = x.mean(0), x.std(0)
+    m, s = x.mean(0, dtype=np.float64), x.std(0, dtype=np.float64)
     if np.abs(m - np.asarray(mean)).max() > 0.03 or np.abs(s / np.asarray(std) - 1).max() > 0.12:
         warnings.warn(f"data.mean/data.std are the CIFAR-100 defaults, but these images have mean "
                       f"{np.round(m, 4).tolist()} and std {np.round(s, 4).tolist()}: set data.mean and data.std to "

@@ -64,8 +64,8 @@ class RunContext:
             if d.num_classes is not None and src.named and d.num_classes != src.num_classes:
                 raise UserError(f"the data has {src.num_classes} class names but data.num_classes is {d.num_classes}",
                                 where="data.num_classes", fix=f"set data.num_classes: {src.num_classes}, or remove it")
-            src = subset_source(src, d.subset.train if need_train else None, d.subset.test, self.cfg.seed)
             warn_default_stats(src.train or src.test, d.mean, d.std, defaults=(CIFAR100_MEAN, CIFAR100_STD))
+            src = subset_source(src, d.subset.train if need_train else None, d.subset.test, self.cfg.seed)
             setattr(self, key, src)
         return getattr(self, key)
 
