@@ -92,8 +92,15 @@ def _cifar_unavailable(root: Path, download: bool, err: Exception) -> UserError:
 
 
 # ---------------------------------------------------------------------------------------- npz
-def load_npz(path: Path, *, need_train: bool) -> tuple[Split | None, Split, list[str]]:
-    """Arrays ``x_train, y_train, x_test, y_test`` (+ optional ``fine_label_names``) from one file."""
+def load_npz(path: Path, *, need_train: bool, num_classes: int | None = None,
+             num_classes_key: str = "data.num_classes") -> tuple[Split | None, Split, list[str] | None]:
+    """Arrays ``x_train, y_train, x_test, y_test`` (+ optional ``fine_label_names``) from one file.
+
+    The class count is the number of names; without names it is ``num_classes`` when given (labels
+    must lie below it), else one more than the largest label -- refused when some class index below
+    that has no image in any split, the sign of a stray label (one label 150 in a 100-class file
+    would otherwise make a 151-class model). Names are ``None`` when the file has none.
+    """
     where = str(path)
     if not path.exists():
         raise UserError("file not found", where=where,
@@ -121,20 +128,38 @@ def load_npz(path: Path, *, need_train: bool) -> tuple[Split | None, Split, list
         y = _check_labels(arrays[f"y_{split}"], len(x), f"y_{split}", f"x_{split}", where)
         splits[split] = _split(x, y)
 
-    top = max(int(s.labels.max()) for s in splits.values())
-    if names_arr is not None:
-        names = _check_names(names_arr, where)
-        if top >= len(names):
-            bad = {k: int((s.labels >= len(names)).sum()) for k, s in splits.items()}
-            detail = ", ".join(f"{n} in y_{k}" for k, n in bad.items() if n)
-            raise UserError(f"labels go up to {top} but {NPZ_NAMES_KEY} has only {len(names)} names "
-                            f"({detail} out of range 0..{len(names) - 1}): the file is mislabelled",
-                            where=where, fix=f"fix the labels, or store all class names in {NPZ_NAMES_KEY}")
+    names = _check_names(names_arr, where) if names_arr is not None else None
+    count = len(names) if names is not None else num_classes
+    if count is not None:
+        _check_label_range(splits, count, where, NPZ_NAMES_KEY if names is not None else num_classes_key)
     else:
-        # Without names the class count is a guess from the labels; a class absent from every
-        # split would be missed, which is why files should carry fine_label_names.
-        names = [f"class_{i}" for i in range(top + 1)]
+        _check_no_gaps(splits, where, num_classes_key)
     return splits.get("train"), splits["test"], names
+
+
+def _check_label_range(splits: dict[str, Split], count: int, where: str, source: str) -> None:
+    top = max(int(s.labels.max()) for s in splits.values())
+    if top >= count:
+        bad = {k: int((s.labels >= count).sum()) for k, s in splits.items()}
+        detail = ", ".join(f"{n} in y_{k}" for k, n in bad.items() if n)
+        said = f"{source} has only {count} names" if source == NPZ_NAMES_KEY else f"{source} is {count}"
+        raise UserError(f"labels go up to {top} but {said} ({detail} out of range 0..{count - 1}): the file is "
+                        "mislabelled", where=where,
+                        fix=f"fix those labels, or give the real class count ({source})")
+
+
+def _check_no_gaps(splits: dict[str, Split], where: str, num_classes_key: str) -> None:
+    """Without names the class count comes from the largest label; every index below it must occur."""
+    labels = np.concatenate([s.labels for s in splits.values()])
+    counts = np.bincount(labels)
+    empty = np.flatnonzero(counts == 0)
+    if len(empty):
+        top = len(counts) - 1
+        raise UserError(f"has no {NPZ_NAMES_KEY}, and its labels skip {len(empty)} of the class indices 0..{top} "
+                        f"(e.g. {', '.join(map(str, empty[:5].tolist()))} have no image; label {top} occurs "
+                        f"{counts[top]} time(s)): inferring {top + 1} classes from the largest label would be a guess",
+                        where=where, fix=f"store {NPZ_NAMES_KEY} (their number fixes the class count) or set "
+                                         f"{num_classes_key}, and fix any stray labels")
 
 
 def _read_npz(f: np.lib.npyio.NpzFile, where: str, need_train: bool

@@ -8,8 +8,10 @@ names the dotted path of the offending key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
@@ -19,12 +21,44 @@ from .errors import UserError, suggest
 T = TypeVar("T")
 
 
-def doc(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
-    """A dataclass field with a help text (shown in README's config reference)."""
+Bound = float | Callable[[], float] | None
+
+
+def doc(default: Any = dataclasses.MISSING, help: str = "", *, ge: Bound = None, gt: Bound = None,
+        le: Bound = None, **kw: Any) -> Any:
+    """A dataclass field with a help text (shown in README's config reference) and optional bounds.
+
+    ``ge``/``gt``/``le`` bound a number, or every number of a list; a callable bound is evaluated
+    when a config is checked (e.g. the newest opset the installed exporter writes). :func:`parse`
+    refuses a value outside them, naming the key and the allowed range.
+    """
+    meta = {"help": help, "bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le)) if v is not None}}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         value = default
-        return dataclasses.field(default_factory=lambda: _copy(value), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda: _copy(value), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<="}
+
+
+def check_bounds(value: Any, bounds: dict[str, Bound], where: str) -> None:
+    """Raise a UserError naming ``where`` when ``value`` (or an element of it) is outside ``bounds``."""
+    if not bounds or value is None:
+        return
+    limits = {k: (b() if callable(b) else b) for k, b in bounds.items()}
+    rule = " and ".join(f"{_BOUND_TEXT[k]} {v:g}" for k, v in limits.items())
+    items = value if isinstance(value, list) else [value]
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        ok = (v >= limits.get("ge", -math.inf) and v > limits.get("gt", -math.inf)
+              and v <= limits.get("le", math.inf) and not math.isnan(v))
+        if not ok:
+            what = f"{v!r} in {value!r}" if isinstance(value, list) else repr(v)
+            raise UserError(f"{what} is out of range: every value must be {rule}" if isinstance(value, list)
+                            else f"{what} is out of range: it must be {rule}", where=where,
+                            fix=f"set {where} to a value {rule}")
 
 
 def _copy(v: Any) -> Any:
@@ -74,6 +108,7 @@ def parse(cls: type[T], data: Any, where: str = "") -> T:
     for f in dataclasses.fields(cls):
         if f.name in data:
             kwargs[f.name] = coerce(hints[f.name], data[f.name], _join(where, f.name))
+            check_bounds(kwargs[f.name], f.metadata.get("bounds", {}), _join(where, f.name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
             raise UserError("required key is missing", where=_join(where, f.name),
                             fix=f"add '{f.name}: <{_type_name(hints[f.name])}>'")

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import _io
 from .commands import serving
 from .errors import UserError
 
@@ -52,6 +53,10 @@ def _global_options(defaults: bool) -> argparse.ArgumentParser:
     p.add_argument("--force", action="append", metavar="STAGE", help="rerun this stage even if cached (repeatable)",
                    **({"default": []} if defaults else d))
     p.add_argument("--debug", action="store_true", help="show full tracebacks", **({"default": False} if defaults else d))
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads per process for PyTorch and onnxruntime "
+                   "(the config key 'threads'; default 1: shared cores do not collapse; serve: per model, default "
+                   "CPUs - 1; export-triton: intra_op_thread_count per instance)",
+                   **({"default": None} if defaults else d))
     return p
 
 
@@ -103,7 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     p.add_argument("--runs", type=int, default=200, help="timed runs per batch size (default 200)")
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--root", help="root for the 'cifar100' source (default $D2D_DATA)")
     serving.add_parsers(sub, common)
     return parser
@@ -117,12 +121,29 @@ def _run_config(args: argparse.Namespace, until: str) -> int:
     from .config import load_config
     from .pipeline import run_pipeline
 
-    cfg, _ = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"threads={args.threads}"] if args.threads is not None else [])
+    cfg, _ = load_config(args.config, overrides)
     force = list(args.force) + (["report"] if args.command == "report" else [])
     ctx = run_pipeline(cfg, Path(args.out) if args.out else None, until=until, force=force)
     if ctx.is_main and until == "report":
         print(f"report: {ctx.run_dir / 'report.md'}")
     return 0
+
+
+def _threads(args: argparse.Namespace) -> int:
+    from ._threads import DEFAULT_THREADS
+
+    threads = DEFAULT_THREADS if args.threads is None else args.threads
+    if threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}", where="--threads", fix="e.g. --threads 1")
+    return threads
+
+
+def _check_range(value: int, flag: str) -> None:
+    from .config import MAX_INPUT_SIZE, MIN_INPUT_SIZE
+
+    if not MIN_INPUT_SIZE <= value <= MAX_INPUT_SIZE:
+        raise UserError(f"{value} is out of range", where=flag, fix=f"use {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE}")
 
 
 def _require(value: object, flag: str, command: str) -> None:
@@ -135,18 +156,27 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return _run_config(args, "export")
     _require(args.model, "--model NAME (or a config)", "export")
     _require(args.out, "--out FILE.onnx", "export")
-    from . import _io
+    threads = _threads(args)
+    _io.check_writable(args.out, "--out")
+    _io.refuse_overwrite(args.out, [args.checkpoint], "--out")
+    _check_range(args.input_size, "--input-size")
+    from ._threads import use_threads
+    from .config import MIN_OPSET, max_opset
     from .models import CIFAR100_MEAN, CIFAR100_STD
     from .data import load_source, preprocess
     from .deploy.export import export_onnx
     from .deploy.metadata import build_metadata
     from .models.factory import create_model
 
+    if not MIN_OPSET <= args.opset <= max_opset():
+        raise UserError(f"opset {args.opset} is outside what the exporter writes", where="--opset",
+                        fix=f"use --opset {MIN_OPSET}..{max_opset()}")
+    use_threads(threads)
     mean, std = args.mean or list(CIFAR100_MEAN), args.std or list(CIFAR100_STD)
     class_names = [f"class_{i}" for i in range(args.num_classes)]
     parity = None
     if args.data:
-        src = load_source(args.data, need_train=False)
+        src = load_source(args.data, need_train=False, num_classes=args.num_classes, num_classes_key="--num-classes")
         if src.num_classes != args.num_classes:
             raise UserError(f"--data has {src.num_classes} classes but --num-classes is {args.num_classes}",
                             where="export", fix=f"pass --num-classes {src.num_classes}")
@@ -159,7 +189,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     meta = build_metadata(model_name=args.model, class_names=class_names, mean=mean, std=std,
                           input_size=args.input_size, config_hash=cfg_hash)
     info = export_onnx(model.eval(), Path(args.out), input_size=args.input_size, opset=args.opset, metadata=meta,
-                       parity_inputs=parity)
+                       parity_inputs=parity, threads=threads)
     print(json.dumps(info, indent=2))
     return 0
 
@@ -169,12 +199,15 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         return _run_config(args, "quantize")
     _require(args.data, "--data SOURCE", "quantize")
     _require(args.out, "--out FILE.int8.onnx", "quantize")
+    _io.check_writable(args.out, "--out")
+    _io.refuse_overwrite(args.out, [args.config], "--out")
     from .data import load_source, preprocess, stratified_subset
     from .deploy.metadata import read_metadata
     from .deploy.quantize import quantize_int8
 
     meta = read_metadata(args.config)
-    train = load_source(args.data, need_train=True).train
+    train = load_source(args.data, need_train=True, num_classes=meta.get("num_classes"),
+                        num_classes_key=f"num_classes in the metadata of {args.config}").train
     bs = args.calib_batch_size
     n = min(args.calib_samples, len(train.labels)) // bs * bs
     if n == 0:
@@ -184,7 +217,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     calib = preprocess(train.images[idx], mean=meta["mean"], std=meta["std"], input_size=meta["input_size"])
     info = quantize_int8(args.config, Path(args.out), calib, calib_batch_size=bs,
                          activation_type=args.activation_type, per_channel=not args.per_tensor,
-                         calibrate_method=args.calibrate_method)
+                         calibrate_method=args.calibrate_method, threads=_threads(args))
     print(json.dumps(info, indent=2))
     return 0
 
@@ -196,12 +229,17 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         args.config = args.config[0]
         return _run_config(args, "validate")
     _require(args.data, "--data SOURCE", "validate")
-    from . import _io
+    if args.json:
+        _io.check_writable(args.json, "--json")
+        _io.refuse_overwrite(args.json, args.config, "--json")
     from .data import load_source, preprocess
     from .deploy.validate import validate_models
     from .deploy.metadata import read_metadata
 
-    test = load_source(args.data, root=args.root, need_train=False).test
+    metas = [read_metadata(p) for p in args.config]  # fail early, before any timing, on a file without our metadata
+    data = load_source(args.data, root=args.root, need_train=False, num_classes=metas[0].get("num_classes"),
+                       num_classes_key=f"num_classes in the metadata of {args.config[0]}")
+    test = data.test
     cache: dict[str, object] = {}
 
     def images(meta: dict) -> object:  # each model gets the preprocessing its metadata records
@@ -210,10 +248,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             cache[key] = preprocess(test.images, mean=meta["mean"], std=meta["std"], input_size=meta["input_size"])
         return cache[key]
 
-    for p in args.config:
-        read_metadata(p)  # fail early, before any timing, on a file without our metadata
     result = validate_models([Path(p) for p in args.config], images, test.labels, batch_sizes=args.batch_sizes,
-                             warmup=args.warmup, runs=args.runs, threads=args.threads)
+                             warmup=args.warmup, runs=args.runs, threads=_threads(args),
+                             class_names=data.class_names, named=data.named)
     for stem, m in result["models"].items():
         lat = " ".join(f"p50@bs{bs} {v['p50']:.3f} ms" for bs, v in m["latency_ms"].items())
         print(f"{stem}: top-1 {100 * m['accuracy']['top1']:.2f}% top-5 {100 * m['accuracy']['top5']:.2f}% "
@@ -240,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {e.format()}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full or read-only disk, a missing directory, permissions: the user's to fix
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}\n  fix: check that the path exists, is writable and that the disk "
+              "has space (see --out / --json), then rerun the same command", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -17,20 +17,37 @@ import yaml
 from . import _schema
 from ._io import obj_sha256
 from ._schema import doc
+from ._threads import DEFAULT_THREADS
 from .errors import UserError
 from .models._cifar_common import CIFAR100_MEAN, CIFAR100_STD
 
+#: Input sides accepted from configs and ONNX metadata: beyond this a batch of images no longer fits in memory
+#: (100000 px asked for 44 TiB).
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 8, 1024
+MIN_OPSET = 17
+
+
+def max_opset() -> int:
+    """The newest ONNX opset the installed exporter writes (torch.onnx's own limit)."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+    except ImportError:  # pragma: no cover - private module moved: fall back to onnx's own newest
+        import onnx
+
+        return int(onnx.defs.onnx_opset_version())
+    return int(ONNX_MAX_OPSET)
 
 
 @dataclass
 class SubsetConfig:
-    train: int | None = doc(None, "keep this many training images (stratified by class); null keeps all")
-    test: int | None = doc(None, "keep this many test images (stratified by class); null keeps all")
+    train: int | None = doc(None, "keep this many training images (stratified by class); null keeps all (a "
+                            "larger number than the data holds keeps all, with a warning)", ge=1)
+    test: int | None = doc(None, "keep this many test images (stratified by class); null keeps all", ge=1)
 
 
 @dataclass
 class AugmentConfig:
-    crop_padding: int = doc(4, "random crop to input_size after zero-padding this many pixels (0 disables)")
+    crop_padding: int = doc(4, "random crop to input_size after zero-padding this many pixels (0 disables)", ge=0)
     hflip: bool = doc(True, "random horizontal flip")
     on_device: bool = doc(False, "crop, flip and normalise whole batches on the training device (the loader only "
                           "gathers uint8 images, no per-sample Python): use it on GPUs, where per-sample CPU "
@@ -43,30 +60,34 @@ class DataConfig:
     root: str | None = doc(None, "where 'cifar100' is stored/downloaded and decoded 'folder:' sources are cached; default $D2D_DATA or ~/.cache/distill2deploy/data")
     download: bool = doc(True, "allow downloading 'cifar100' when it is not under root")
     subset: SubsetConfig = doc(SubsetConfig(), "stratified subsets for quick runs")
-    input_size: int = doc(32, "side of the square input the student sees (images are resized if they differ)")
+    input_size: int = doc(32, "side of the square input the student sees (images are resized if they differ)",
+                          ge=MIN_INPUT_SIZE, le=MAX_INPUT_SIZE)
+    num_classes: int | None = doc(None, "number of classes, for an npz without fine_label_names (labels must "
+                                  "lie in 0..num_classes-1); null: the names' count, or inferred from the labels "
+                                  "(refused when some class index has no image)", ge=1)
     mean: list[float] = doc(list(CIFAR100_MEAN), "per-channel mean after scaling to [0, 1]; recorded in the ONNX metadata")
     std: list[float] = doc(list(CIFAR100_STD), "per-channel std after scaling to [0, 1]; recorded in the ONNX metadata")
     augment: AugmentConfig = doc(AugmentConfig(), "training augmentation (standard CIFAR protocol)")
-    num_workers: int = doc(2, "DataLoader worker processes")
+    num_workers: int = doc(2, "DataLoader worker processes", ge=0)
 
 
 @dataclass
 class ScheduleConfig:
     """SGD with step decay: the standard CIFAR-100 protocol of the CRD/DKD papers."""
 
-    epochs: int = doc(240, "training epochs")
-    batch_size: int = doc(64, "global batch size (split across processes)")
-    lr: float = doc(0.05, "initial SGD learning rate")
-    momentum: float = doc(0.9, "SGD momentum")
-    weight_decay: float = doc(5e-4, "SGD weight decay")
+    epochs: int = doc(240, "training epochs", ge=1)
+    batch_size: int = doc(64, "global batch size (split across processes)", ge=1)
+    lr: float = doc(0.05, "initial SGD learning rate", gt=0)
+    momentum: float = doc(0.9, "SGD momentum", ge=0)
+    weight_decay: float = doc(5e-4, "SGD weight decay", ge=0)
     nesterov: bool = doc(False, "Nesterov momentum")
-    milestones: list[int] = doc([150, 180, 210], "epochs at which the lr is multiplied by gamma")
-    gamma: float = doc(0.1, "lr decay factor at each milestone")
+    milestones: list[int] = doc([150, 180, 210], "epochs at which the lr is multiplied by gamma", ge=1)
+    gamma: float = doc(0.1, "lr decay factor at each milestone", gt=0)
 
 
 @dataclass
 class TeacherTrainConfig(ScheduleConfig):
-    epochs: int = doc(0, "fine-tune (or train from scratch) the teacher for this many epochs; 0 skips")
+    epochs: int = doc(0, "fine-tune (or train from scratch) the teacher for this many epochs; 0 skips", ge=0)
 
 
 @dataclass
@@ -74,8 +95,12 @@ class TeacherConfig:
     model: str = doc("resnet56_cifar", "any timm model name (the *_cifar models are registered by distill2deploy)")
     pretrained: bool = doc(True, "load timm's pretrained weights for this model (ignored when checkpoint is set)")
     checkpoint: str | None = doc(None, "local weights (.pth/.pt/.safetensors state_dict) loaded with strict checking")
-    input_size: int | None = doc(None, "teacher input side; inputs are resized inside its forward when it differs from data.input_size")
+    input_size: int | None = doc(None, "teacher input side; inputs are resized inside its forward when it differs "
+                                 "from data.input_size", ge=MIN_INPUT_SIZE, le=MAX_INPUT_SIZE)
     model_kwargs: dict[str, Any] = doc({}, "extra keyword arguments for timm.create_model")
+    reset_head: bool = doc(False, "re-initialise the classifier of the pretrained weights (or checkpoint) for the "
+                           "data's class count, keeping the rest; the teacher stage then fine-tunes it "
+                           "(needs teacher.train.epochs >= 1)")
     train: TeacherTrainConfig = doc(TeacherTrainConfig(), "teacher training schedule (standard protocol; epochs 0 skips)")
 
 
@@ -91,8 +116,9 @@ class DistillConfig(ScheduleConfig):
     method: str = doc("kd", "distillation method from the method registry (see README)")
     options: dict[str, Any] = doc({}, "the method's own options, validated by the method (see README)")
     mixed_precision: Literal["no", "fp16", "bf16"] = doc("no", "Accelerate mixed precision")
-    gradient_accumulation_steps: int = doc(1, "Accelerate gradient accumulation")
-    checkpoint_every_steps: int = doc(0, "also checkpoint every N optimizer steps inside an epoch (0: end of epoch only)")
+    gradient_accumulation_steps: int = doc(1, "Accelerate gradient accumulation", ge=1)
+    checkpoint_every_steps: int = doc(0, "also checkpoint every N optimizer steps inside an epoch (0: end of epoch "
+                                      "only)", ge=0)
     channels_last: bool = doc(False, "train (and run the frozen teachers) in channels_last memory format: faster "
                               "convolutions on GPUs with tensor cores")
     compile: bool = doc(False, "torch.compile the networks of the training step (the first steps are slow while "
@@ -100,20 +126,22 @@ class DistillConfig(ScheduleConfig):
     deterministic: bool = doc(False, "torch.use_deterministic_algorithms (warn-only where an op has no deterministic "
                               "kernel); on CPU a resumed run already ends with bitwise the weights of an "
                               "uninterrupted one, this extends it to GPUs as far as the kernels allow")
-    lr: float = doc(0.01, "initial SGD learning rate (0.01 for MobileNetV2/ShuffleNet students in the standard protocol)")
+    lr: float = doc(0.01, "initial SGD learning rate (0.01 for MobileNetV2/ShuffleNet students in the standard "
+                    "protocol)", gt=0)
 
 
 @dataclass
 class ExportConfig:
-    opset: int = doc(18, "ONNX opset (17 or newer)")
-    parity_samples: int = doc(256, "test images used to record PyTorch-vs-onnxruntime parity")
+    opset: int = doc(18, "ONNX opset (17 up to the newest the installed torch.onnx exporter writes)",
+                     ge=MIN_OPSET, le=max_opset)
+    parity_samples: int = doc(256, "test images used to record PyTorch-vs-onnxruntime parity", ge=1)
 
 
 @dataclass
 class QuantizeConfig:
     enabled: bool = doc(True, "produce the INT8 student")
-    calib_samples: int = doc(512, "training images used for calibration (rounded down to whole batches)")
-    calib_batch_size: int = doc(32, "calibration batch size (every batch has this size)")
+    calib_samples: int = doc(512, "training images used for calibration (rounded down to whole batches)", ge=1)
+    calib_batch_size: int = doc(32, "calibration batch size (every batch has this size)", ge=1)
     activation_type: Literal["uint8", "int8"] = doc("uint8", "activation type; uint8 (U8S8) is fastest on x86 VNNI")
     weight_type: Literal["int8", "uint8"] = doc("int8", "weight type")
     per_channel: bool = doc(True, "per-channel weight scales")
@@ -122,16 +150,19 @@ class QuantizeConfig:
 
 @dataclass
 class ValidateConfig:
-    batch_sizes: list[int] = doc([1, 64], "batch sizes at which latency is measured")
-    warmup: int = doc(20, "untimed runs before timing")
-    runs: int = doc(200, "timed runs per batch size (at least 200 for the report's percentiles)")
-    threads: int | None = doc(None, "onnxruntime intra-op threads (null: onnxruntime's default)")
+    batch_sizes: list[int] = doc([1, 64], "batch sizes at which latency is measured", ge=1)
+    warmup: int = doc(20, "untimed runs before timing", ge=0)
+    runs: int = doc(200, "timed runs per batch size (at least 200 for the report's percentiles)", ge=1)
+    threads: int | None = doc(None, "onnxruntime intra-op threads for validation (null: the top-level threads)", ge=1)
 
 
 @dataclass
 class PipelineConfig:
     name: str | None = doc(None, "run name (default: the config file's stem); the run lands in exports/<name>/")
-    seed: int = doc(0, "seed for data order, augmentation and initialisation")
+    seed: int = doc(0, "seed for data order, augmentation and initialisation", ge=0)
+    threads: int = doc(DEFAULT_THREADS, "CPU threads per process for PyTorch (training, export) and onnxruntime (quantize "
+                       "checks, validate unless validate.threads is set); 1 keeps shared cores from "
+                       "collapsing, raise it on a CPU you own (CLI: --threads)", ge=1, le=1024)
     data: DataConfig = doc(DataConfig(), "")
     teacher: TeacherConfig = doc(TeacherConfig(), "")
     student: StudentConfig = doc(StudentConfig(), "")
@@ -194,7 +225,10 @@ def load_config(name: str, overrides: list[str] | None = None) -> tuple[Pipeline
     """Read, override and validate a pipeline config; returns it and the file it came from."""
     path = resolve_config_path(name)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise UserError(f"not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}): is it a binary file?",
+                        where=str(path), fix="give a YAML config file saved as UTF-8 text") from None
     except yaml.YAMLError as e:
         raise UserError(f"not valid YAML: {e}", where=str(path), fix="fix the YAML syntax at the line shown") from None
     if not isinstance(raw, dict):
@@ -211,6 +245,11 @@ def load_config(name: str, overrides: list[str] | None = None) -> tuple[Pipeline
     return cfg, path
 
 
+#: timm.create_model arguments the pipeline sets itself (model_kwargs may not repeat them)
+_RESERVED_KWARGS = frozenset({"num_classes", "pretrained", "checkpoint_path", "pretrained_cfg",
+                              "pretrained_cfg_overlay"})
+
+
 def check_config(cfg: PipelineConfig) -> None:
     """Cross-field checks the types alone cannot express."""
     from .methods import get_method  # the method validates its own options
@@ -221,16 +260,22 @@ def check_config(cfg: PipelineConfig) -> None:
 
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or any(s <= 0 for s in cfg.data.std):
         raise UserError("mean and std need 3 values each (std > 0)", where="data.mean/data.std")
-    if cfg.export.opset < 17:
-        raise UserError(f"opset {cfg.export.opset} is too old", where="export.opset", fix="use 17 or newer")
-    if cfg.validate.runs < 1 or not cfg.validate.batch_sizes or any(b < 1 for b in cfg.validate.batch_sizes):
-        raise UserError("runs and batch sizes must be positive", where="validate")
-    if cfg.quantize.calib_batch_size < 1 or cfg.quantize.calib_samples < cfg.quantize.calib_batch_size:
+    if not cfg.validate.batch_sizes:
+        raise UserError("no batch sizes to measure", where="validate.batch_sizes", fix="e.g. [1, 64]")
+    if cfg.quantize.calib_samples < cfg.quantize.calib_batch_size:
         raise UserError(f"calib_samples ({cfg.quantize.calib_samples}) must be at least one batch "
-                        f"({cfg.quantize.calib_batch_size})", where="quantize.calib_samples")
-    for section in (cfg.distill, cfg.teacher.train):
-        if section.batch_size < 1 or section.epochs < 0:
-            raise UserError("batch_size must be >= 1 and epochs >= 0", where="distill/teacher.train")
+                        f"({cfg.quantize.calib_batch_size})", where="quantize.calib_samples",
+                        fix=f"set quantize.calib_samples >= {cfg.quantize.calib_batch_size} or lower quantize.calib_batch_size")
+    for role in ("teacher", "student"):
+        taken = sorted(set(getattr(cfg, role).model_kwargs) & _RESERVED_KWARGS)
+        if taken:
+            raise UserError(f"{', '.join(taken)} cannot be set here: the pipeline sets it", where=f"{role}.model_kwargs",
+                            fix="the class count comes from the data (data.num_classes for an npz without names); "
+                                "to fit pretrained weights to it set teacher.reset_head: true; weights come from "
+                                f"{role}.checkpoint" + (" or teacher.pretrained" if role == "teacher" else ""))
+    if cfg.teacher.reset_head and cfg.teacher.train.epochs < 1:
+        raise UserError("a re-initialised head is random until it is trained", where="teacher.reset_head",
+                        fix="set teacher.train.epochs >= 1 to fine-tune the teacher, or reset_head: false")
     get_method(cfg.distill.method).parse_options(cfg.distill.options)
 
 

@@ -10,6 +10,7 @@ to one image, so the float inputs fed to onnxruntime match the ones the PyTorch 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,8 @@ class DataSource:
     train: Split | None  # None when the source has no train split and it was not required
     test: Split
     class_names: list[str]
+    #: False when the source has no class names (an npz without fine_label_names): only the count is known
+    named: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -84,21 +87,30 @@ def data_root(root: str | os.PathLike[str] | None = None) -> Path:
 
 
 def load_source(source: str, *, root: str | None = None, download: bool = True,
-                need_train: bool = True) -> DataSource:
+                need_train: bool = True, num_classes: int | None = None,
+                num_classes_key: str = "data.num_classes") -> DataSource:
     """Load a data source into memory, validating it.
 
     ``need_train=False`` lets a source without a training split (a test-only npz, a folder with
     only ``test/``) load; the train split is still returned whenever the source has one.
+    ``num_classes`` (named in errors as ``num_classes_key``) is the class count of a source without
+    class names (an npz without fine_label_names): its labels must lie in ``0..num_classes-1``.
+    Sources with names ignore it (callers compare it with ``class_names`` where that matters).
     """
     scheme, arg = parse_source(source)
     if scheme == "cifar100":
         train, test, names = _datasets.load_cifar100(data_root(root), download=download, need_train=need_train)
     elif scheme == "npz":
-        train, test, names = _datasets.load_npz(Path(arg).expanduser(), need_train=need_train)
+        train, test, names = _datasets.load_npz(Path(arg).expanduser(), need_train=need_train,
+                                                num_classes=num_classes, num_classes_key=num_classes_key)
     else:
         train, test, names = _datasets.load_folder(Path(arg).expanduser(), need_train=need_train,
                                                    cache_dir=data_root(root) / "folder-cache")
-    return DataSource(train=train, test=test, class_names=names)
+    named = names is not None
+    if names is None:  # load_npz inferred or checked the count
+        top = max(int(s.labels.max()) for s in (train, test) if s is not None)
+        names = [f"class_{i}" for i in range(num_classes if num_classes is not None else top + 1)]
+    return DataSource(train=train, test=test, class_names=names, named=named)
 
 
 # ------------------------------------------------------------------------------------ subsets
@@ -131,13 +143,34 @@ def stratified_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarra
 def subset_source(ds: DataSource, train: int | None, test: int | None, seed: int) -> DataSource:
     """A stratified subset of each split (``None`` keeps a split whole); class names are kept."""
 
-    def sub(split: Split | None, n: int | None) -> Split | None:
+    def sub(split: Split | None, n: int | None, key: str) -> Split | None:
+        if split is not None and n is not None and n > len(split):
+            warnings.warn(f"{key}={n} but the data has only {len(split)} images in that split: using all "
+                          f"{len(split)}", UserWarning, stacklevel=3)
         if split is None or n is None or n >= len(split):
             return split
         idx = stratified_subset(split.labels, n, seed)
         return Split(images=split.images[idx], labels=split.labels[idx])
 
-    return DataSource(train=sub(ds.train, train), test=sub(ds.test, test), class_names=list(ds.class_names))
+    return DataSource(train=sub(ds.train, train, "data.subset.train"), test=sub(ds.test, test, "data.subset.test"),
+                      class_names=list(ds.class_names), named=ds.named)
+
+
+def warn_default_stats(split: Split, mean: Sequence[float], std: Sequence[float], *,
+                       defaults: tuple[Sequence[float], Sequence[float]], sample: int = 4000) -> None:
+    """Warn when the default (CIFAR-100) normalisation is used on images whose own statistics differ.
+
+    The stats are measured on an evenly spaced sample of ``split``; they must be close to the
+    defaults (mean within 0.03, std within 12%), which CIFAR-10 is and ImageNet-like photos are not.
+    """
+    if [float(v) for v in mean] != list(defaults[0]) or [float(v) for v in std] != list(defaults[1]):
+        return  # chosen by the user
+    x = split.images[:: max(1, len(split) // sample)].reshape(-1, 3).astype(np.float32) / 255.0
+    m, s = x.mean(0, dtype=np.float64), x.std(0, dtype=np.float64)
+    if np.abs(m - np.asarray(mean)).max() > 0.03 or np.abs(s / np.asarray(std) - 1).max() > 0.12:
+        warnings.warn(f"data.mean/data.std are the CIFAR-100 defaults, but these images have mean "
+                      f"{np.round(m, 4).tolist()} and std {np.round(s, 4).tolist()}: set data.mean and data.std to "
+                      "those values (they are recorded in the exported model)", UserWarning, stacklevel=2)
 
 
 # -------------------------------------------------------------------------------- transforms

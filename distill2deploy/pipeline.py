@@ -8,6 +8,8 @@ from pathlib import Path
 import yaml
 
 from . import _io, distributed
+from ._lock import locked
+from ._threads import use_threads
 from .config import PipelineConfig, config_dict, config_hash
 from .errors import UserError, suggest
 from .stages import STAGE_NAMES, STAGES, RunContext
@@ -27,9 +29,20 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, *, until: str
             raise UserError(f"unknown stage '{name}'" + (f" ({hint})" if hint else ""),
                             fix=f"stages are: {', '.join(STAGE_NAMES)}")
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    use_threads(cfg.threads)
     ctx = RunContext(cfg, run_dir)
     ctx.run_dir_shared = distributed.check_start(config_hash(cfg), run_dir, command=[until, sorted(force)])
+    # one lock per run directory: per machine when each has its own, else the global main's only
+    with locked(run_dir, per_machine=not ctx.run_dir_shared):
+        return _run_stages(ctx, until, force)
+
+
+def _run_stages(ctx: RunContext, until: str | None, force: list[str]) -> RunContext:
+    cfg, run_dir = ctx.cfg, ctx.run_dir
     last = STAGE_NAMES.index(until) if until else len(STAGES) - 1
+    if ctx.is_main:
+        for stage in STAGES:  # a kill between the two renames of a publish
+            _io.recover_dir(run_dir / stage.name)
     for stage in STAGES[: last + 1]:
         key = distributed.agreed(f"the {stage.name} stage's inputs", lambda: stage.cache_key(ctx),
                                  fix="every machine needs the same input files (same path, same content)")
@@ -47,12 +60,21 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, *, until: str
             print(f"▶ {stage.name}")
         if stage.all_processes:  # checked before training: a rank failing inside it would leave the others waiting
             distributed.load_training_data(ctx)
+        work = stage.prepare_work(ctx, key, fresh=stage.name in force)
         # (training's collectives tie the ranks together; a main-only stage's failure stops them all here)
         with contextlib.nullcontext() if stage.all_processes else distributed.agree(f"the {stage.name} stage"):
-            if ctx.is_main or stage.all_processes:
-                result = stage.run(ctx, run_dir / stage.name)
+            try:
+                if ctx.is_main or stage.all_processes:
+                    result = stage.run(ctx, work)
+                if ctx.is_main:
+                    ctx.manifests[stage.name] = stage.write_manifest(ctx, key, result, time.perf_counter() - t0,
+                                                                     work)
+            except BaseException:
+                if ctx.is_main:
+                    stage.abandon(ctx, work)
+                raise
             if ctx.is_main:
-                ctx.manifests[stage.name] = stage.write_manifest(ctx, key, result, time.perf_counter() - t0)
+                stage.publish(ctx, work)
                 print(f"✓ {stage.name}: done in {time.perf_counter() - t0:.1f}s")
         _sync_manifest(ctx, stage.name)
     if ctx.is_main:  # the config that produced what the run directory now holds

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
@@ -57,7 +58,7 @@ from .methods import DistillMethod, StepOutput, TeacherOutput
 from .models.factory import extract
 
 STATE_FILE = "trainer_state.json"
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: the state records the hashes of the checkpoint's files and of metrics.jsonl
 _MASK64 = (1 << 64) - 1
 
 
@@ -439,15 +440,16 @@ class BatchPipe:
 # ------------------------------------------------------------------------------------------ the loop
 def train(accelerator: Accelerator, method: DistillMethod, source: DataSource, *, data_cfg: DataConfig,
           schedule: ScheduleConfig | DistillConfig, seed: int, out_dir: Path, key: str,
-          eval_model: nn.Module | None = None, desc: str = "train", options: TrainOptions | None = None
-          ) -> TrainResult:
+          eval_model: nn.Module | None = None, desc: str = "train", options: TrainOptions | None = None,
+          section: str = "distill") -> TrainResult:
     """Train ``method`` for ``schedule.epochs`` epochs, resuming from ``out_dir`` when ``key`` matches.
 
     ``eval_model`` is the network whose test accuracy is tracked (default: ``method.student``).
     Writes ``metrics.jsonl`` (one row per epoch), ``checkpoints/last`` (Accelerate state plus the
     data position) and ``best.pt`` (the best epoch's weights) under ``out_dir``; only the main
     process writes files other than its own RNG state. ``options`` defaults to the ``distill.*``
-    switches found on ``schedule``.
+    switches found on ``schedule``. ``section`` is the config section of ``schedule``, named when
+    training diverges (a non-finite loss stops the run with a :class:`UserError`).
     """
     opts = options or TrainOptions.from_config(schedule)
     if accelerator.gradient_accumulation_steps != 1:
@@ -459,7 +461,7 @@ def train(accelerator: Accelerator, method: DistillMethod, source: DataSource, *
     torch.backends.cudnn.benchmark = not opts.deterministic
     try:
         return _train(accelerator, method, source, data_cfg=data_cfg, schedule=schedule, seed=seed,
-                      out_dir=out_dir, key=key, eval_model=eval_model, desc=desc, opts=opts)
+                      out_dir=out_dir, key=key, eval_model=eval_model, desc=desc, opts=opts, section=section)
     finally:
         torch.use_deterministic_algorithms(previous[0])
         torch.backends.cudnn.benchmark = previous[1]
@@ -467,7 +469,7 @@ def train(accelerator: Accelerator, method: DistillMethod, source: DataSource, *
 
 def _train(accelerator: Accelerator, method: DistillMethod, source: DataSource, *, data_cfg: DataConfig,
            schedule: ScheduleConfig, seed: int, out_dir: Path, key: str, eval_model: nn.Module | None,
-           desc: str, opts: TrainOptions) -> TrainResult:
+           desc: str, opts: TrainOptions, section: str) -> TrainResult:
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     accelerator.free_memory()  # forget a previous stage's models: save/load_state index what is prepared
     # The step's RNG stream (dropout, random views inside methods): one per process.
@@ -492,7 +494,16 @@ def _train(accelerator: Accelerator, method: DistillMethod, source: DataSource, 
         _recover_checkpoint(ckpt_dir)
     accelerator.wait_for_everyone()
     state = _read_state(ckpt_dir)
-    if distributed.check_resume(state, key, STATE_VERSION, ckpt_dir):
+    resume = state is not None and state.get("key") == key and state.get("version") == STATE_VERSION
+    # Every rank joins the gather (a machine may lack the checkpoint that rank 0 has); the main process
+    # checks the hashes, which cover metrics.jsonl, only it writes.
+    problem = _checkpoint_problem(ckpt_dir, metrics_path, state) if resume and main else None
+    problems = [p for p in (gather_object([problem]) if world > 1 else [problem]) if p]
+    if problems:
+        accelerator.print(f"[{desc}] warning: not resuming from {ckpt_dir}: {problems[0]}; training from scratch",
+                          file=sys.stderr)
+    resume = distributed.check_resume(state if resume and not problems else None, key, STATE_VERSION, ckpt_dir)
+    if resume:
         accelerator.load_state(str(ckpt_dir))
         pos_epoch, pos_step = state["next_epoch"], state["next_step"]
         best, best_epoch, partial = state["best_top1"], state["best_epoch"], state.get("partial", {})
@@ -500,14 +511,15 @@ def _train(accelerator: Accelerator, method: DistillMethod, source: DataSource, 
         where = (f"after epoch {pos_epoch}/{schedule.epochs}" if pos_step == 0 else
                  f"in epoch {pos_epoch + 1}/{schedule.epochs} at step {pos_step}/{steps_per_epoch}")
         accelerator.print(f"[{desc}] resuming {where} from {ckpt_dir}")
-    elif distributed.writes_checkpoint(accelerator):
+        if main and metrics_path.exists():  # rows a killed run appended after its last checkpoint go
+            os.truncate(metrics_path, state["metrics_bytes"])
+    elif distributed.writes_checkpoint(accelerator):  # another config's, or damaged: not resumable
         if ckpt_dir.exists():
-            shutil.rmtree(ckpt_dir)  # from another config: not resumable
+            shutil.rmtree(ckpt_dir)
         metrics_path.unlink(missing_ok=True)
-    if main and metrics_path.exists():
-        rows = [r for r in _io.read_jsonl(metrics_path) if r.get("epoch", 0) <= pos_epoch]
-        _io.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
     accelerator.wait_for_everyone()
+    ckpt = functools.partial(_save_checkpoint, accelerator, ckpt_dir, metrics_path)
+    finite = _FiniteLoss(accelerator, section, steps_per_epoch, ckpt_dir if resume else None)
 
     t0 = time.perf_counter()
     bar = tqdm(total=schedule.epochs * steps_per_epoch, initial=pos_epoch * steps_per_epoch + pos_step, desc=desc,
@@ -517,6 +529,7 @@ def _train(accelerator: Accelerator, method: DistillMethod, source: DataSource, 
     device = accelerator.device
     for epoch in range(pos_epoch, schedule.epochs):
         start = pos_step if epoch == pos_epoch else 0
+        finite.lr = stepper.optimizers[0].param_groups[0]["lr"]
         sampler.set_epoch(epoch, start)
         stepper.model.train()
         epoch_t0 = time.perf_counter()
@@ -531,6 +544,7 @@ def _train(accelerator: Accelerator, method: DistillMethod, source: DataSource, 
             boundary = step + 1 == group_start + group_len
             out = stepper.forward_backward(images, labels, epoch + step / steps_per_epoch, sync=boundary,
                                            loss_scale=1.0 / group_len)
+            finite.record(out.loss, epoch, step)
             if boundary:
                 stepper.optimizer_step()
             n = labels.shape[0]
@@ -541,18 +555,23 @@ def _train(accelerator: Accelerator, method: DistillMethod, source: DataSource, 
                 (out.logits.detach().argmax(1) == labels).sum()
             sums["_seen"] = sums.get("_seen", torch.zeros((), device=device)) + n
             bar.update(1)
+            if step % opts.log_every_steps == 0:
+                finite.check()
             if not bar.disable and step % opts.log_every_steps == 0:  # the only host sync of a step
                 bar.set_postfix(epoch=f"{epoch + 1}/{schedule.epochs}", loss=f"{out.loss.item():.3f}")
             opt_step = epoch * math.ceil(steps_per_epoch / accum) + step // accum + 1
             if (boundary and opts.checkpoint_every_steps and step + 1 < steps_per_epoch
                     and opt_step % opts.checkpoint_every_steps == 0):
+                finite.check()
                 keys = sorted(sums)
                 totals = accelerator.reduce(torch.stack([sums[k] for k in keys]), reduction="sum")
-                _save_checkpoint(accelerator, ckpt_dir, {
+                ckpt({
                     "key": key, "version": STATE_VERSION, "next_epoch": epoch, "next_step": step + 1,
                     "best_top1": best, "best_epoch": best_epoch, "world_size": world,
                     "partial": {k: float(v) for k, v in zip(keys, totals.tolist())}})
+                finite.saved = ckpt_dir
         train_seconds = time.perf_counter() - epoch_t0
+        finite.check()
         for s in stepper.schedulers:
             s.step()
         if world > 1:
@@ -577,16 +596,15 @@ def _train(accelerator: Accelerator, method: DistillMethod, source: DataSource, 
         if last["top1"] > best:
             best, best_epoch = last["top1"], epoch + 1
             if main:
-                with _io.atomic_path(out_dir / "best.pt") as tmp:
-                    torch.save(method.student.state_dict(), tmp)
+                _io.save_torch(method.student.state_dict(), out_dir / "best.pt")
         if main:
             _io.append_jsonl(metrics_path, row)
             bar.write(f"[{desc}] epoch {epoch + 1}/{schedule.epochs}: loss {train_logs.get('loss', math.nan):.4f} "
                       f"test top-1 {100 * last['top1']:.2f}%"
                       + "".join(f", {k} {100 * v:.2f}%" for k, v in extra.items()))
-        _save_checkpoint(accelerator, ckpt_dir, {"key": key, "version": STATE_VERSION, "next_epoch": epoch + 1,
-                                                 "next_step": 0, "best_top1": best, "best_epoch": best_epoch,
-                                                 "world_size": world})
+        ckpt({"key": key, "version": STATE_VERSION, "next_epoch": epoch + 1, "next_step": 0, "best_top1": best,
+              "best_epoch": best_epoch, "world_size": world})
+        finite.saved = ckpt_dir
     bar.close()
     if pos_epoch >= schedule.epochs and schedule.epochs > 0:  # finished before: report the stored numbers
         last = evaluate(model_to_eval, test_loader, accelerator, channels_last=opts.channels_last)
@@ -644,9 +662,60 @@ def _read_state(ckpt_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, state: dict[str, Any]) -> None:
+def _checkpoint_problem(ckpt_dir: Path, metrics_path: Path, state: dict[str, Any]) -> str | None:
+    """Why the checkpoint (or the metrics it continues) cannot be trusted, or None when every file still
+    has the hash recorded when it was written: a damaged checkpoint would otherwise load silently, and
+    edited metrics would be certified as the run's history."""
+    recorded = state.get("files", {})
+    found = {k: v for k, v in _io.tree_files(ckpt_dir).items() if k != STATE_FILE}
+    changed = sorted(k for k in set(recorded) | set(found) if recorded.get(k) != found.get(k))
+    if changed:
+        return f"{', '.join(changed[:3])} changed since it was written (corrupted or edited)"
+    size = state.get("metrics_bytes", 0)
+    have = metrics_path.stat().st_size if metrics_path.is_file() else 0
+    if have < size or (size and _io.file_sha256(metrics_path, limit=size) != state.get("metrics_sha256")):
+        return f"{metrics_path} changed since the checkpoint was written (corrupted or edited)"
+    return None
+
+
+class _FiniteLoss:
+    """Stops training at the first non-finite loss, before a checkpoint or weights file holds it.
+
+    The check costs one host sync, so each step only records (on the device) the first step whose
+    loss was NaN/inf; :meth:`check` runs where the loop syncs anyway (log steps, checkpoints, epoch
+    ends) and agrees across processes, so every process stops together.
+    """
+
+    def __init__(self, accelerator: Accelerator, section: str, steps_per_epoch: int, saved: Path | None) -> None:
+        self.accelerator, self.section, self.steps_per_epoch, self.saved = accelerator, section, steps_per_epoch, saved
+        self.first = torch.full((1,), -1, dtype=torch.long, device=accelerator.device)
+        self.lr = math.nan
+
+    def record(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach()).reshape(1) & (self.first < 0)
+        self.first = torch.where(bad, epoch * self.steps_per_epoch + step, self.first)
+
+    def check(self) -> None:
+        firsts = self.accelerator.gather(self.first) if self.accelerator.num_processes > 1 else self.first
+        firsts = [int(f) for f in firsts.tolist() if f >= 0]
+        if not firsts:
+            return
+        epoch, step = divmod(min(firsts), self.steps_per_epoch)
+        kept = (f"the last checkpoint before it is kept ({self.saved})" if self.saved is not None
+                else "no checkpoint was written before it")
+        raise UserError(
+            f"training diverged: the loss became NaN or infinite in epoch {epoch + 1}, step {step + 1}/"
+            f"{self.steps_per_epoch} (lr {self.lr:g}); stopped, {kept}",
+            where=self.section,
+            fix=f"lower {self.section}.lr (e.g. 10x), or the loss weights in distill.options; check the data "
+                "(data.mean/data.std) and, with mixed precision, try mixed_precision: 'no'")
+
+
+def _save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, metrics_path: Path, state: dict[str, Any]) -> None:
     """Accelerate state into a temp dir, renamed over the previous checkpoint only when complete.
 
+    The state file (written last) records the hash of every file of the checkpoint and the length and
+    hash of ``metrics.jsonl`` at this point, which a resume verifies and truncates the metrics to.
     ``safe_serialization=False``: safetensors refuses channels_last (non-contiguous) weights.
     """
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".partial")
@@ -655,8 +724,10 @@ def _save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, state: dict[str, 
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=False)
     accelerator.wait_for_everyone()
-    if distributed.writes_checkpoint(accelerator):
-        _io.write_json(tmp / STATE_FILE, state)
+    if distributed.writes_checkpoint(accelerator):  # metrics.jsonl exists on the global main's machine only
+        size = metrics_path.stat().st_size if metrics_path.is_file() else 0
+        _io.write_json(tmp / STATE_FILE, {**state, "files": _io.tree_files(tmp), "metrics_bytes": size,
+                                          "metrics_sha256": _io.file_sha256(metrics_path) if size else None})
         old = ckpt_dir.with_name(ckpt_dir.name + ".old")
         if old.exists():
             shutil.rmtree(old)

@@ -179,8 +179,10 @@ def test_pretrained_tag_loads_through_timm_without_network(monkeypatch: pytest.M
     assert urls == ["https://github.com/chenyaofo/pytorch-cifar-models/releases/download/resnet/"
                     "cifar100_resnet20-23dac2f1.pt"]
     assert torch.equal(model.fc.weight, sd["fc.weight"])
-    # another class count keeps the backbone and re-initialises the head (timm's behaviour)
-    ten = create_model("resnet20_cifar.chenyaofo_c100", num_classes=10, pretrained=True)
+    # another class count: refused unless the head is reset on purpose (then timm keeps the backbone)
+    with pytest.raises(UserError, match=r"(?s)100-class head but the data has 10.*teacher\.reset_head: true"):
+        create_model("resnet20_cifar.chenyaofo_c100", num_classes=10, pretrained=True, role="teacher")
+    ten = create_model("resnet20_cifar.chenyaofo_c100", num_classes=10, pretrained=True, reset_head=True)
     assert ten.fc.out_features == 10 and torch.equal(ten.conv1.weight, sd["conv1.weight"])
 
 
@@ -251,7 +253,7 @@ def test_checkpoint_that_does_not_fit(tmp_path: Path) -> None:
         create_model("resnet20_cifar", num_classes=10, checkpoint=path)
     msg = str(e.value)
     assert "fc.weight (100, 64) vs (10, 64)" in msg
-    assert "num_classes: 100" in msg and "--num-classes" in msg
+    assert "num_classes=100" in msg and "--num-classes 100" in msg  # a real argument and flag, not a config key
     with pytest.raises(UserError) as e:
         create_model("resnet32_cifar", num_classes=100, checkpoint=path)
     assert "missing keys: layer1.3" in str(e.value) and "model name" in str(e.value)

@@ -47,15 +47,17 @@ def test_kill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
 
     run_dir = tmp_path / "run"
-    state = run_dir / "distill" / "checkpoints" / "last" / "trainer_state.json"
     proc = subprocess.Popen(command(run_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
     while True:
+        # The stage trains in its work directory; it becomes run/distill only when it has finished.
+        states = list(run_dir.glob(".work/distill-*/checkpoints/last/trainer_state.json"))
         try:
+            state = states[0]
             if json.loads(state.read_text())["next_step"] > 0:  # a checkpoint inside an epoch
                 break
-        except (FileNotFoundError, ValueError, KeyError):
+        except (IndexError, FileNotFoundError, ValueError, KeyError):
             pass
         assert proc.poll() is None, "the run ended before a mid-epoch checkpoint"
         assert time.time() < deadline, "no mid-epoch checkpoint within 300 s"
@@ -69,6 +71,8 @@ def test_kill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path):
     out = subprocess.run(command(run_dir), env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     log = (out.stdout + out.stderr).replace("\r", "\n")
+    assert f"ended without releasing {run_dir / '.lock'}" in log  # the killed run's lock, taken over
+    assert not (run_dir / ".lock").exists() and not (run_dir / ".work").exists()
     if killed_at["next_step"] > 0:
         assert f"resuming in epoch {killed_at['next_epoch'] + 1}/2 at step {killed_at['next_step']}/3" in log, log
     summary = json.loads((run_dir / "distill" / "stage.json").read_text())["summary"]

@@ -53,8 +53,6 @@ def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.Argument
     p.add_argument("--max-batch", type=int, default=32, help="most images in one onnxruntime call (default 32)")
     p.add_argument("--max-delay-ms", type=float, default=5.0,
                    help="longest a request waits for others to share its batch (default 5)")
-    p.add_argument("--threads", type=int, default=None,
-                   help=f"onnxruntime intra-op threads per model (default: CPUs - 1, here {default_threads()})")
     p.add_argument("--max-body-mb", type=float, default=10.0, help="largest request body; larger gets 413 (default 10)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
@@ -69,7 +67,6 @@ def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.Argument
     p.add_argument("--max-delay-ms", type=float, default=5.0,
                    help="dynamic_batching max_queue_delay (default 5 ms)")
     p.add_argument("--instances", type=int, default=1, help="model instances (instance_group count, default 1)")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra_op_thread_count per instance (default 1)")
     p.set_defaults(handler=cmd_export_triton)
 
     p = sub.add_parser("predict", parents=parents, formatter_class=fmt, epilog=EXAMPLES["predict"],
@@ -78,7 +75,6 @@ def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.Argument
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG/WebP/... files, any size and mode")
     p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.set_defaults(handler=cmd_predict)
 
 
@@ -140,7 +136,7 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
     from ..deploy.triton import export_triton
 
     dirs = export_triton(args.models, args.repo, names=args.name, max_batch=args.max_batch,
-                         instances=args.instances, threads=args.threads,
+                         instances=args.instances, threads=args.threads or 1,
                          max_delay_us=int(round(args.max_delay_ms * 1000)))
     for d in dirs:
         print(f"wrote {d}/config.pbtxt, {d}/1/model.onnx, {d}/labels.txt")
@@ -159,7 +155,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UserError(f"--top-k must be >= 1, got {args.top_k}", where="predict")
     meta = read_metadata(args.model)
     x = preprocess_images([read_image(p) for p in args.images], meta)
-    logits = run_batched(make_session(args.model, threads=args.threads), x, 64)
+    logits = run_batched(make_session(args.model, threads=args.threads or 1), x, 64)
     results = [{"image": str(p), "top_k": t} for p, t in zip(args.images, top_k(logits, meta["class_names"],
                                                                                 args.top_k))]
     if args.json:

@@ -46,9 +46,17 @@ def _input_meta(session: ort.InferenceSession) -> tuple[str, list]:
     return inp.name, list(inp.shape)
 
 
-def run_batched(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int) -> np.ndarray:
-    """Run ``inputs`` through ``session`` in chunks; check the shape against the graph first."""
+def run_batched(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int,
+                output_name: str | None = None) -> np.ndarray:
+    """Run ``inputs`` through ``session`` in chunks; check the shape against the graph first.
+
+    ``output_name`` (the metadata's ``output_name``) picks the output; ``None`` takes the first.
+    """
     name, shape = _input_meta(session)
+    outputs = [o.name for o in session.get_outputs()]
+    if output_name is not None and output_name not in outputs:
+        raise UserError(f"the metadata names output {output_name!r} but the graph's outputs are {outputs}",
+                        fix="re-export the model with distill2deploy (or correct metadata output_name)")
     if not isinstance(inputs, np.ndarray) or inputs.ndim != len(shape):
         raise UserError(f"inputs must be a {len(shape)}-d float32 array {shape}, "
                         f"got {type(inputs).__name__} {getattr(inputs, 'shape', None)}")
@@ -61,7 +69,8 @@ def run_batched(session: ort.InferenceSession, inputs: np.ndarray, batch_size: i
     if int(batch_size) < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
-    return np.concatenate([session.run(None, {name: inputs[i:i + batch_size]})[0]
+    wanted = [output_name] if output_name is not None else None
+    return np.concatenate([session.run(wanted, {name: inputs[i:i + batch_size]})[0]
                            for i in range(0, len(inputs), int(batch_size))])
 
 

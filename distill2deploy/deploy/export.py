@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import onnx
 import torch
 import torch.nn as nn
 
-from .._io import atomic_path
+from .._io import atomic_path, scratch_dir
 from ..errors import UserError
 from .evaluate import make_session, run_batched
 from .metadata import INPUT_NAME, LAYOUT, OUTPUT_NAME, set_props
@@ -60,15 +59,18 @@ def _has_dynamic_batch(value_info: onnx.ValueInfoProto) -> bool:
     return bool(dims) and not dims[0].HasField("dim_value")
 
 
-def _check_parity(model: nn.Module, path: Path, inputs: np.ndarray, batch_size: int) -> dict[str, Any]:
+def _check_parity(model: nn.Module, path: Path, inputs: np.ndarray, batch_size: int,
+                  threads: int | None) -> dict[str, Any]:
     """Worst-case logit difference and argmax agreement between PyTorch and onnxruntime."""
-    session = make_session(path)
+    session = make_session(path, threads=threads)
     onnx_logits = run_batched(session, inputs, batch_size)
     with torch.inference_mode():
         torch_logits = np.concatenate([
             model(torch.from_numpy(np.ascontiguousarray(inputs[i:i + batch_size]))).numpy()
             for i in range(0, len(inputs), batch_size)
         ])
+    for what, logits in (("PyTorch", torch_logits), ("onnxruntime", onnx_logits)):
+        _require_finite(logits, f"{what} on the parity images")
     return {
         "max_abs_diff": float(np.abs(onnx_logits - torch_logits).max()),
         "top1_agreement": float((onnx_logits.argmax(1) == torch_logits.argmax(1)).mean()),
@@ -87,6 +89,7 @@ def export_onnx(
     in_chans: int = 3,
     exporter: str = "auto",
     parity_batch_size: int = 128,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` to one self-contained ``.onnx`` file at ``path`` (written atomically).
 
@@ -96,7 +99,8 @@ def export_onnx(
     ``{"max_abs_diff", "top1_agreement", "n"}``. ``exporter`` is ``"auto"`` (dynamo, falling back to
     TorchScript; TorchScript first for opset 17), ``"dynamo"`` or ``"torchscript"``. ``opset`` in the
     result is the one actually written. The caller's model is not modified (a CPU copy
-    in eval mode is exported).
+    in eval mode is exported). ``threads`` is onnxruntime's intra-op threads for the checks.
+    Intermediate files live in a hidden folder beside ``path``, removed even when the export fails.
 
     Returns ``{"path", "bytes", "opset", "exporter", "parity"}``.
     """
@@ -141,7 +145,7 @@ def export_onnx(
     else:
         order = ["dynamo", "torchscript"]
     errors: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="d2d-export-") as tmp:
+    with scratch_dir(path, "export") as tmp:
         raw = Path(tmp) / "model.onnx"
         for i, name in enumerate(order):
             try:
@@ -158,7 +162,8 @@ def export_onnx(
         proto = onnx.load(str(raw))  # pulls in external data if the exporter wrote any
     actual_opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     if actual_opset != int(opset):
-        warnings.warn(f"asked for ONNX opset {opset}, the {used} exporter wrote {actual_opset}", stacklevel=2)
+        raise UserError(f"asked for ONNX opset {opset}, the {used} exporter wrote {actual_opset}", where="export.opset",
+                        fix=f"use opset {actual_opset} (export.opset / --opset)")
     if not (_has_dynamic_batch(proto.graph.input[0]) and _has_dynamic_batch(proto.graph.output[0])):
         raise RuntimeError(f"{used} exporter produced a fixed batch dimension")
     proto.doc_string = f"distill2deploy export of {props.get('model_name', type(model).__name__)}"
@@ -168,13 +173,14 @@ def export_onnx(
     with atomic_path(path) as tmp_path:
         onnx.save(proto, str(tmp_path))
         # Smoke-test the file itself at two batch sizes: the dynamic batch must really work.
-        session = make_session(tmp_path)
+        session = make_session(tmp_path, threads=threads)
         for b in (1, 3):
-            out = session.run(None, {INPUT_NAME: np.zeros((b, in_chans, input_size, input_size), np.float32)})[0]
+            out = session.run([OUTPUT_NAME], {INPUT_NAME: np.zeros((b, in_chans, input_size, input_size), np.float32)})[0]
             if out.shape != (b, num_classes):
                 raise RuntimeError(f"exported model returned shape {out.shape} for batch {b}")
+            _require_finite(out, "onnxruntime on a blank image")
         parity = ({} if parity_inputs is None
-                  else _check_parity(model, tmp_path, parity_inputs, parity_batch_size))
+                  else _check_parity(model, tmp_path, parity_inputs, parity_batch_size, threads))
     return {
         "path": str(path),
         "bytes": path.stat().st_size,
@@ -182,6 +188,13 @@ def export_onnx(
         "exporter": used,
         "parity": parity,
     }
+
+
+def _require_finite(logits: np.ndarray, what: str) -> None:
+    """NaN/inf logits mean NaN/inf weights (a diverged training run): never ship or score them."""
+    if not np.isfinite(logits).all():
+        raise UserError(f"the model's logits are NaN or infinite ({what}): its weights are not finite",
+                        fix="retrain it (a diverged run: lower the learning rate) or export other weights")
 
 
 def _first_line(e: Exception) -> str:

@@ -111,6 +111,28 @@ def parse_props(props: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def _check_values(meta: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Values a file could carry that would make us allocate absurd buffers or mislabel outputs."""
+    from ..config import MAX_INPUT_SIZE, MIN_INPUT_SIZE
+
+    fix = "re-export the model with distill2deploy (or correct its metadata_props)"
+    size = meta.get("input_size")
+    if size is not None and not MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE:
+        raise UserError(f"metadata input_size {size} is outside {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE}", where=str(path),
+                        fix=fix)
+    names, count = meta.get("class_names"), meta.get("num_classes")
+    if count is not None and count < 1:
+        raise UserError(f"metadata num_classes {count} is not positive", where=str(path), fix=fix)
+    if names is not None and (not isinstance(names, list) or (count is not None and len(names) != count)):
+        raise UserError(f"metadata class_names does not list num_classes ({count}) names", where=str(path), fix=fix)
+    for k in ("mean", "std"):
+        v = meta.get(k)
+        if v is not None and (not isinstance(v, list) or len(v) != 3
+                              or not all(isinstance(x, (int, float)) for x in v) or (k == "std" and min(v) <= 0)):
+            raise UserError(f"metadata {k} must be 3 numbers{' > 0' if k == 'std' else ''}, got {v!r}",
+                            where=str(path), fix=fix)
+
+
 def read_metadata(path: str | os.PathLike[str], *, require: bool = True) -> dict[str, Any]:
     """The parsed metadata of an ONNX file.
 
@@ -120,6 +142,7 @@ def read_metadata(path: str | os.PathLike[str], *, require: bool = True) -> dict
     """
     model = load_model(path, load_external_data=False)
     meta = parse_props({p.key: p.value for p in model.metadata_props})
+    _check_values(meta, path)
     missing = [k for k in METADATA_KEYS if k not in meta and k not in _OPTIONAL_KEYS]
     if require and missing:
         inp = model.graph.input[0].name if model.graph.input else "?"

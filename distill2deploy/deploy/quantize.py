@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,13 +38,16 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from .._io import atomic_path
+from .._io import atomic_path, refuse_overwrite, scratch_dir
 from ..errors import UserError, suggest
 from .evaluate import agreement, make_session, run_batched
 from .export import _has_dynamic_batch
 from .metadata import load_model, set_props
 
 _QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+#: ops that only a quantized graph has
+_QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                        "MatMulInteger", "DynamicQuantizeLinear"})
 _CALIB_METHODS = {
     "minmax": CalibrationMethod.MinMax,
     "entropy": CalibrationMethod.Entropy,
@@ -111,6 +113,7 @@ def quantize_int8(
     per_channel: bool = True,
     calibrate_method: str = "minmax",
     preprocess: bool = True,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Statically quantize ``fp32_path`` to QDQ INT8 at ``out_path`` (written atomically).
 
@@ -119,13 +122,20 @@ def quantize_int8(
     ``len(calib_inputs)`` rounded down to a multiple of ``calib_batch_size``. The fp32 model's
     metadata is copied and ``quantization`` (JSON of the settings) added. The result also reports
     ``calib_agreement``: how often the int8 and fp32 models agree on the calibration images, a
-    cheap sanity check that is not an accuracy estimate.
+    cheap sanity check that is not an accuracy estimate. ``threads`` is onnxruntime's intra-op threads
+    for that check. ``out_path`` may not be ``fp32_path``, and an already quantized model is refused.
+    Intermediate files live in a hidden folder beside ``out_path``, removed even on failure.
     """
     act = _choice(activation_type, _QUANT_TYPES, "activation_type")
     wt = _choice(weight_type, _QUANT_TYPES, "weight_type")
     method = _choice(calibrate_method, _CALIB_METHODS, "calibrate_method")
     fp32_path, out_path = Path(fp32_path), Path(out_path)
+    refuse_overwrite(out_path, [fp32_path], "--out")
     fp32 = load_model(fp32_path)
+    quantized = sorted({n.op_type for n in fp32.graph.node if n.op_type in _QUANT_OPS})
+    if quantized or any(p.key == "quantization" for p in fp32.metadata_props):
+        raise UserError(f"the model is already quantized (it has {', '.join(quantized) or 'quantization metadata'})",
+                        where=str(fp32_path), fix="quantize the fp32 model it came from (e.g. export/student.onnx)")
     graph_input = _graph_input(fp32)
     dims = [d.dim_value if d.HasField("dim_value") else None for d in graph_input.type.tensor_type.shape.dim]
     if (not isinstance(calib_inputs, np.ndarray) or calib_inputs.ndim != len(dims)
@@ -149,7 +159,7 @@ def quantize_int8(
         "onnxruntime": ort.__version__,
     }
 
-    with tempfile.TemporaryDirectory(prefix="d2d-quant-") as tmp:
+    with scratch_dir(out_path, "quantize") as tmp:
         src = fp32_path
         if preprocess:
             src = Path(tmp) / "preprocessed.onnx"
@@ -178,8 +188,8 @@ def quantize_int8(
     with atomic_path(out_path) as tmp_path:
         onnx.save(model, str(tmp_path))
         check = reader.inputs[: min(len(reader.inputs), 256)]
-        q_logits = run_batched(make_session(tmp_path), check, 128)
-        f_logits = run_batched(make_session(fp32_path), check, 128)
+        q_logits = run_batched(make_session(tmp_path, threads=threads), check, 128)
+        f_logits = run_batched(make_session(fp32_path, threads=threads), check, 128)
         if not np.isfinite(q_logits).all():
             raise RuntimeError("the quantized model produced non-finite logits")
     return {

@@ -35,6 +35,22 @@ def _fp32_sibling(key: str) -> str | None:
     return key[: -len(".int8")] if key.endswith(".int8") else None
 
 
+def check_classes(meta: dict[str, Any], data_names: list[str], named: bool, path: Path) -> None:
+    """Refuse a model whose metadata's classes are not the data's (by name, or by count without names)."""
+    model_names = meta.get("class_names")
+    count = len(model_names) if isinstance(model_names, list) else meta.get("num_classes")
+    if count is None:
+        return
+    if count != len(data_names) or (named and isinstance(model_names, list) and model_names != data_names):
+        differ = ""
+        if count == len(data_names):
+            i = next(i for i, (a, b) in enumerate(zip(model_names, data_names)) if a != b)
+            differ = f"; class {i} is {model_names[i]!r} in the model but {data_names[i]!r} in the data"
+        raise UserError(f"the model was trained on {count} classes but the data has {len(data_names)}{differ}: its "
+                        "accuracy on these labels would be meaningless", where=str(path),
+                        fix="validate with the data set the model was trained on (--data / data.source)")
+
+
 def validate_models(
     paths: Sequence[str | os.PathLike[str]],
     images: Images,
@@ -46,6 +62,8 @@ def validate_models(
     threads: int | None = None,
     progress: bool = True,
     eval_batch_size: int = 256,
+    class_names: Sequence[str] | None = None,
+    named: bool = True,
 ) -> dict[str, Any]:
     """Accuracy and latency of each model in onnxruntime, plus int8/fp32 agreement.
 
@@ -58,6 +76,10 @@ def validate_models(
     Each ``X.int8.onnx`` is paired with ``X.onnx`` from ``paths`` (if present): ``agreement`` holds
     the fraction of equal argmax and ``latency_ratio`` the int8/fp32 ratio of p50 latency per batch
     size (below 1 means int8 is faster).
+
+    ``class_names`` are the data's classes (``named=False``: only their count is meaningful): a
+    model whose metadata lists other classes is refused rather than scored against the wrong labels.
+    Logits are read from the metadata's ``output_name`` when the model has one.
     """
     paths = [Path(p) for p in paths]
     if not paths:
@@ -75,13 +97,16 @@ def validate_models(
     sizes = []
     for key, path in zip(keys, paths):
         meta = read_metadata(path, require=callable(images))
+        if class_names is not None:
+            check_classes(meta, list(class_names), named, path)
         x = images(meta) if callable(images) else images
         if not isinstance(x, np.ndarray) or x.ndim != 4:
             raise UserError(f"images for {key} must be a float32 NCHW array, got "
                             f"{type(x).__name__} {getattr(x, 'shape', None)}")
         if len(x) != len(labels):
             raise UserError(f"{len(x)} images but {len(labels)} labels")
-        logits[key] = run_batched(make_session(path, threads=threads), x, eval_batch_size)
+        logits[key] = run_batched(make_session(path, threads=threads), x, eval_batch_size,
+                                  output_name=meta.get("output_name"))
         sizes.append(int(meta.get("input_size", x.shape[-1])))
         models[key] = {"path": str(path), "bytes": path.stat().st_size,
                        "accuracy": accuracy(logits[key], labels)}

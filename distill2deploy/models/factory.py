@@ -99,6 +99,7 @@ def create_model(
     input_size: int | None = None,
     data_input_size: int = 32,
     role: str | None = None,
+    reset_head: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build ``name`` with timm, load weights, adapt the input size.
@@ -114,6 +115,9 @@ def create_model(
             ``data_input_size`` the model is wrapped in :class:`ResizeInput`.
         data_input_size: the resolution of the data the pipeline feeds.
         role: the config section (``teacher``/``student``) named in error messages.
+        reset_head: keep the classifier of the pretrained weights or checkpoint out of the load
+            (it is re-initialised for ``num_classes``); without it a pretrained head of another
+            class count is an error instead of a silently random classifier.
         **kwargs: passed through to ``timm.create_model`` (``drop_rate``, ``in_chans``, ...).
     """
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
@@ -128,6 +132,11 @@ def create_model(
     download = bool(pretrained) and checkpoint is None
     if download:
         _check_pretrained_exists(name, role)
+        trained_for = getattr(get_pretrained_cfg(name), "num_classes", None) if not parse_model_name(name)[0] else None
+        if trained_for and trained_for != num_classes and not reset_head:
+            raise UserError(f"the pretrained weights of {name!r} have a {trained_for}-class head but the data has "
+                            f"{num_classes} classes", where=f"{role}.pretrained" if role else "pretrained",
+                            fix=_head_fix(role, trained_for, num_classes))
     try:
         model = timm.create_model(name, pretrained=download, num_classes=num_classes, **kwargs)
     except _download_errors() as e:
@@ -154,7 +163,7 @@ def create_model(
                         where=f"{role}.model_kwargs" if role else "model options",
                         fix="change the value the message names, or remove the option") from e
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+        load_checkpoint(model, checkpoint, role=role, skip_head=reset_head)
     if input_size is not None and input_size != data_input_size:
         model = ResizeInput(model, input_size)
     return model
@@ -214,12 +223,45 @@ def _few(items: Sequence[Any], n: int = 5) -> str:
     return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load local weights strictly; a checkpoint that does not fit is a UserError, never partial."""
+def _head_fix(role: str | None, trained_for: int, wanted: int) -> str:
+    """How to reconcile a classifier trained for ``trained_for`` classes with data of ``wanted``: a real key or flag."""
+    if role == "teacher":
+        return (f"set teacher.reset_head: true (with teacher.train.epochs >= 1) to fine-tune a new {wanted}-class "
+                f"head, or use data with {trained_for} classes (check data.source's labels; data.num_classes sets "
+                "the count of an npz without fine_label_names)")
+    if role == "student":
+        return f"give student.checkpoint weights for {wanted} classes, or remove student.checkpoint"
+    return f"build the model with num_classes={trained_for} (CLI: --num-classes {trained_for})"
+
+
+def _head_prefix(model: nn.Module) -> str | None:
+    """The state-dict prefix of the classifier (``fc.``, ``head.fc.``, ...), from timm's get_classifier."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
+        return None
+    return next((f"{n}." for n, m in model.named_modules() if m is head and n), None)
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, *, role: str | None = None,
+                    skip_head: bool = False) -> nn.Module:
+    """Load local weights strictly; a checkpoint that does not fit is a UserError, never partial.
+
+    ``skip_head`` loads everything but the classifier (which keeps its fresh initialisation), for
+    fine-tuning on another class count; ``role`` picks the config key the error messages name.
+    """
     sd = read_state_dict(path)
     target = model.model if isinstance(model, ResizeInput) else model
     own = target.state_dict()
     sd = _strip_prefixes(sd, set(own))
+    if skip_head:
+        prefix = _head_prefix(target)
+        if prefix is None:
+            raise UserError(f"{type(target).__name__} has no classifier that timm's get_classifier() names",
+                            where=f"{role}.reset_head" if role else "reset_head",
+                            fix="use a timm model with a classifier head, or reset_head: false")
+        sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}
+        sd.update({k: v for k, v in own.items() if k.startswith(prefix)})
     # BN step counters are absent from some older/exported checkpoints and never affect outputs
     for k, v in own.items():
         if k.endswith("num_batches_tracked") and k not in sd:
@@ -241,8 +283,8 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         head = [(a[0], b[0]) for _, a, b in mismatched
                 if len(a) in (1, 2) and len(a) == len(b) and a[1:] == b[1:] and b[0] == n_model]
         if head and not missing and not unexpected:
-            fix = (f"the checkpoint's classifier has {head[0][0]} outputs but the model was built with "
-                   f"num_classes={n_model}: set num_classes: {head[0][0]} (or --num-classes {head[0][0]})")
+            fix = (f"the checkpoint's classifier has {head[0][0]} outputs but the model has {n_model}: "
+                   + _head_fix(role, head[0][0], n_model))
         else:
             fix = ("check that the model name is the architecture the checkpoint was trained with "
                    "(timm.list_models('*pattern*')) and that num_classes (or --num-classes) matches it")

@@ -3,10 +3,16 @@
 A stage's cache key is the hash of the config it reads plus the content hashes of its
 upstream stages' outputs. Its manifest (``<run>/<stage>/stage.json``) is written last, so a stage
 counts as done only when every output exists with the recorded hash.
+
+A stage builds its outputs in a work directory of its own (``<run>/.work/<stage>-<key>``) and the
+finished directory replaces ``<run>/<stage>`` only when the stage has succeeded: a rerun that fails
+(a bad option, a diverging loss, a full disk) leaves the previous results untouched. A killed
+training stage's work directory keeps its checkpoints, so rerunning the same command resumes it.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -15,11 +21,12 @@ from typing import Any, ClassVar
 
 from .. import __version__, _io
 from .._schema import to_dict
-from ..config import PipelineConfig, config_dict
-from ..data import DataSource, load_source, subset_source
+from ..config import CIFAR100_MEAN, CIFAR100_STD, PipelineConfig, config_dict
+from ..data import DataSource, load_source, subset_source, warn_default_stats
 from ..errors import UserError
 
 MANIFEST = "stage.json"
+WORK = ".work"
 
 
 @dataclass
@@ -54,7 +61,12 @@ class RunContext:
         key = "_data_train" if need_train else "_data_test"
         if not hasattr(self, key):
             d = self.cfg.data
-            src = load_source(d.source, root=d.root, download=d.download, need_train=need_train)
+            src = load_source(d.source, root=d.root, download=d.download, need_train=need_train,
+                              num_classes=d.num_classes)
+            if d.num_classes is not None and src.named and d.num_classes != src.num_classes:
+                raise UserError(f"the data has {src.num_classes} class names but data.num_classes is {d.num_classes}",
+                                where="data.num_classes", fix=f"set data.num_classes: {src.num_classes}, or remove it")
+            warn_default_stats(src.train or src.test, d.mean, d.std, defaults=(CIFAR100_MEAN, CIFAR100_STD))
             src = subset_source(src, d.subset.train if need_train else None, d.subset.test, self.cfg.seed)
             setattr(self, key, src)
         return getattr(self, key)
@@ -87,6 +99,54 @@ class Stage:
     def run(self, ctx: RunContext, stage_dir: Path) -> StageResult:
         raise NotImplementedError
 
+    # --- work directories --------------------------------------------------------------
+    #: files of a finished run that let a rerun with the same key resume instead of starting over
+    resume_files: ClassVar[tuple[str, ...]] = ()
+
+    def work_dir(self, ctx: RunContext, key: str) -> Path:
+        return ctx.run_dir / WORK / f"{self.name}-{key[:16]}"
+
+    def prepare_work(self, ctx: RunContext, key: str, *, fresh: bool) -> Path:
+        """The directory :meth:`run` writes to. Unless ``fresh`` (``--force``), the finished stage's
+        resume files are copied in when its checkpoint has this key: a deleted output is then rebuilt
+        from the checkpoint instead of by retraining."""
+        work = self.work_dir(ctx, key)
+        if not ctx.is_main:
+            return work
+        if work.exists() and not self.resume_files:  # a killed run's partial outputs: nothing to resume
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        for junk in work.glob(".*"):  # temp files and scratch folders of a killed run
+            if junk.is_dir():
+                shutil.rmtree(junk)
+            else:
+                junk.unlink()
+        done = ctx.run_dir / self.name
+        if fresh or not self.resume_files or any((work / f).exists() for f in self.resume_files):
+            return work
+        if _checkpoint_key(done) == key:
+            for f in self.resume_files:
+                src = done / f
+                if src.is_dir():
+                    shutil.copytree(src, work / f)
+                elif src.is_file():
+                    (work / f).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, work / f)
+        return work
+
+    def publish(self, ctx: RunContext, work: Path) -> None:
+        """Swap the finished work directory in as ``<run>/<stage>``; drop work left by other configs."""
+        _io.replace_dir(work, ctx.run_dir / self.name)
+        for other in (ctx.run_dir / WORK).glob(f"{self.name}-*"):
+            shutil.rmtree(other, ignore_errors=True)
+        _remove_if_empty(ctx.run_dir / WORK)
+
+    def abandon(self, ctx: RunContext, work: Path) -> None:
+        """After a failure: keep a work directory only when it holds a checkpoint to resume from."""
+        if work.exists() and not (work / "checkpoints").exists():
+            shutil.rmtree(work, ignore_errors=True)
+            _remove_if_empty(ctx.run_dir / WORK)
+
     # --- caching ---------------------------------------------------------------------
     def cache_key(self, ctx: RunContext) -> str:
         upstream = {dep: ctx.manifests[dep]["outputs_sha256"] for dep in self.needs if dep in ctx.manifests}
@@ -109,17 +169,36 @@ class Stage:
                 return None
         return manifest
 
-    def write_manifest(self, ctx: RunContext, key: str, result: StageResult, seconds: float) -> dict[str, Any]:
+    def write_manifest(self, ctx: RunContext, key: str, result: StageResult, seconds: float,
+                       work: Path | None = None) -> dict[str, Any]:
+        """Write ``stage.json`` into ``work`` (default: the stage directory), with output paths as they
+        will be once ``work`` is published as ``<run>/<stage>``."""
+        work = work if work is not None else ctx.run_dir / self.name
         outputs = {}
         for name, path in result.outputs.items():
-            outputs[name] = {"path": str(Path(path).resolve().relative_to(ctx.run_dir.resolve())),
-                             "bytes": Path(path).stat().st_size, "sha256": _io.file_sha256(path)}
+            p = Path(path).resolve()
+            rel = (Path(self.name) / p.relative_to(work.resolve()) if p.is_relative_to(work.resolve())
+                   else p.relative_to(ctx.run_dir.resolve()))
+            outputs[name] = {"path": str(rel), "bytes": p.stat().st_size, "sha256": _io.file_sha256(p)}
         manifest = {"stage": self.name, "key": key, "outputs": outputs,
                     "outputs_sha256": _io.obj_sha256({k: v["sha256"] for k, v in outputs.items()}),
                     "summary": result.summary, "seconds": round(seconds, 3),
                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        _io.write_json(ctx.run_dir / self.name / MANIFEST, manifest)
+        _io.write_json(work / MANIFEST, manifest)
         return manifest
+
+
+def _remove_if_empty(folder: Path) -> None:
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def _checkpoint_key(stage_dir: Path) -> str | None:
+    """The cache key a finished training stage's last checkpoint was written under."""
+    try:
+        return json.loads((stage_dir / "checkpoints" / "last" / "trainer_state.json").read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def require_file(path: str | None, where: str) -> str | None:

@@ -18,6 +18,7 @@ class DistillStage(Stage):
     name = "distill"
     needs = ("teacher",)
     all_processes = True
+    resume_files = ("checkpoints/last", "metrics.jsonl", "best.pt")
 
     def key_inputs(self, ctx: RunContext) -> dict[str, Any]:
         s = ctx.cfg.student
@@ -46,11 +47,9 @@ class DistillStage(Stage):
         out = stage_dir / "student.pt"
         acc = ctx.accelerator
         if acc.is_main_process:
-            with _io.atomic_path(out) as tmp:
-                torch.save(acc.unwrap_model(student).state_dict(), tmp)
+            _io.save_torch(acc.unwrap_model(student).state_dict(), out)
             for name, net in method.extra_eval_models().items():  # e.g. the co-trained teacher
-                with _io.atomic_path(stage_dir / f"{name}_trained.pt") as tmp:
-                    torch.save(acc.unwrap_model(net).state_dict(), tmp)
+                _io.save_torch(acc.unwrap_model(net).state_dict(), stage_dir / f"{name}_trained.pt")
         acc.wait_for_everyone()
         summary = {"method": cfg.distill.method, "options": method_cls.options_dict(options),
                    "student": cfg.student.model, "params": sum(p.numel() for p in student.parameters()),

@@ -18,7 +18,7 @@ from .teacher import build_teacher
 def model_config_hash(cfg: PipelineConfig) -> str:
     """Hash of everything that determines the exported weights (validation settings excluded)."""
     d = config_dict(cfg)
-    for k in ("name", "validate"):
+    for k in ("name", "validate", "quantize", "threads"):
         d.pop(k, None)
     d["data"].pop("num_workers", None)
     return _io.obj_sha256(d)
@@ -46,7 +46,7 @@ class ExportStage(Stage):
                                   input_size=d.input_size, config_hash=model_config_hash(cfg))
             path = stage_dir / f"{role}.onnx"
             info = export_onnx(model.eval(), path, input_size=d.input_size, opset=cfg.export.opset, metadata=meta,
-                               parity_inputs=parity_inputs)
+                               parity_inputs=parity_inputs, threads=cfg.threads)
             outputs[role] = path
             summary[role] = {"bytes": info["bytes"], "opset": info["opset"], "parity": info["parity"]}
             p = info["parity"]

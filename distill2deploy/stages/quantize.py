@@ -28,6 +28,7 @@ class QuantizeStage(Stage):
         out = stage_dir / "student.int8.onnx"
         info = quantize_int8(ctx.output("export", "student"), out, calib, calib_batch_size=q.calib_batch_size,
                              activation_type=q.activation_type, weight_type=q.weight_type,
-                             per_channel=q.per_channel, calibrate_method=q.calibrate_method)
+                             per_channel=q.per_channel, calibrate_method=q.calibrate_method,
+                             threads=ctx.cfg.threads)
         print(f"[quantize] {out.name}: {info['bytes'] / 1e6:.2f} MB, calibrated on {info['calib_samples']} images")
         return StageResult(outputs={"student_int8": out}, summary=info)

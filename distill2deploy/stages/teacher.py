@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .. import _io
@@ -22,7 +21,7 @@ def build_teacher(cfg: PipelineConfig, num_classes: int, weights: Path | None = 
                          pretrained=t.pretrained and t.checkpoint is None and weights is None,
                          checkpoint=None if weights is not None else t.checkpoint,
                          input_size=t.input_size, data_input_size=cfg.data.input_size, role="teacher",
-                         **t.model_kwargs)
+                         reset_head=t.reset_head and weights is None, **t.model_kwargs)
     if weights is not None:
         load_checkpoint(model, str(weights))
     return model
@@ -31,6 +30,7 @@ def build_teacher(cfg: PipelineConfig, num_classes: int, weights: Path | None = 
 class TeacherStage(Stage):
     name = "teacher"
     all_processes = True
+    resume_files = ("checkpoints/last", "metrics.jsonl", "best.pt")
 
     def key_inputs(self, ctx: RunContext) -> dict[str, Any]:
         t = ctx.cfg.teacher
@@ -52,7 +52,7 @@ class TeacherStage(Stage):
             method = ce(teacher, [], ce.parse_options({}), num_classes=data.num_classes,
                         input_size=cfg.data.input_size)
             result = train(acc, method, data, data_cfg=cfg.data, schedule=cfg.teacher.train, seed=cfg.seed,
-                           out_dir=stage_dir, key=self.cache_key(ctx), desc="teacher")
+                           out_dir=stage_dir, key=self.cache_key(ctx), desc="teacher", section="teacher.train")
             summary.update(trained_epochs=result.epochs, train_seconds=round(result.seconds, 1),
                            best_top1=result.best_top1)
             teacher = acc.unwrap_model(teacher)
@@ -62,8 +62,7 @@ class TeacherStage(Stage):
         summary["test_images"] = len(data.test.labels)
         out = stage_dir / "teacher.pt"
         if acc.is_main_process:
-            with _io.atomic_path(out) as tmp:
-                torch.save(teacher.state_dict(), tmp)
+            _io.save_torch(teacher.state_dict(), out)
             acc.print(f"[teacher] {cfg.teacher.model}: test top-1 {100 * summary['test']['top1']:.2f}% "
                       f"on {summary['test_images']} images")
         acc.wait_for_everyone()
