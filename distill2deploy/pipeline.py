@@ -40,8 +40,8 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, *, until: str
 def _run_stages(ctx: RunContext, until: str | None, force: list[str]) -> RunContext:
     cfg, run_dir = ctx.cfg, ctx.run_dir
     last = STAGE_NAMES.index(until) if until else len(STAGES) - 1
-    if ctx.is_main:
-        for stage in STAGES:  # a kill between the two renames of a publish
+    for stage in STAGES:  # a kill between the two renames of a publish
+        if ctx.keeps_work(stage):
             _io.recover_dir(run_dir / stage.name)
     for stage in STAGES[: last + 1]:
         key = distributed.agreed(f"the {stage.name} stage's inputs", lambda: stage.cache_key(ctx),
@@ -70,11 +70,12 @@ def _run_stages(ctx: RunContext, until: str | None, force: list[str]) -> RunCont
                     ctx.manifests[stage.name] = stage.write_manifest(ctx, key, result, time.perf_counter() - t0,
                                                                      work)
             except BaseException:
-                if ctx.is_main:
+                if ctx.keeps_work(stage):
                     stage.abandon(ctx, work)
                 raise
-            if ctx.is_main:
+            if ctx.keeps_work(stage):
                 stage.publish(ctx, work)
+            if ctx.is_main:
                 print(f"✓ {stage.name}: done in {time.perf_counter() - t0:.1f}s")
         _sync_manifest(ctx, stage.name)
     if ctx.is_main:  # the config that produced what the run directory now holds

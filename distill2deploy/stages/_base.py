@@ -57,6 +57,15 @@ class RunContext:
 
         return process_state().is_main_process
 
+    def keeps_work(self, stage: "Stage") -> bool:
+        """Whether this process manages ``stage``'s work directory on its machine: the main process, and
+        for the training stages each machine's first process when machines keep their own run
+        directory (its checkpoints live there, so a rerun resumes or restarts alike on every machine)."""
+        from ..trainer import process_state
+
+        return self.is_main or (stage.all_processes and not self.run_dir_shared
+                                and process_state().is_local_main_process)
+
     def data(self, need_train: bool = True) -> DataSource:
         key = "_data_train" if need_train else "_data_test"
         if not hasattr(self, key):
@@ -111,7 +120,7 @@ class Stage:
         resume files are copied in when its checkpoint has this key: a deleted output is then rebuilt
         from the checkpoint instead of by retraining."""
         work = self.work_dir(ctx, key)
-        if not ctx.is_main:
+        if not ctx.keeps_work(self):
             return work
         if work.exists() and not self.resume_files:  # a killed run's partial outputs: nothing to resume
             shutil.rmtree(work)
