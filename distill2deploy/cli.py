@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from .commands import check
 from .errors import UserError
 
 STAGE_CMDS = ("teacher", "distill", "export", "quantize", "validate", "report")
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--root", help="root for the 'cifar100' source (default $D2D_DATA)")
+
+    check.add_parser(sub)
     return parser
 
 
@@ -225,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "handler"):  # subcommands in their own module (commands/)
+            return args.handler(args)
         if args.command == "pipeline":
             return _run_config(args, "report")
         if args.command in ("teacher", "distill", "report"):

@@ -11,14 +11,13 @@ from ..errors import UserError
 from .metadata import load_model
 
 
-def make_session(path: str | os.PathLike[str], *, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU session with all graph optimisations (QDQ -> QLinear* fusion needs them).
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Options every session here uses: all graph optimisations (QDQ -> QLinear* fusion needs them).
 
     ``threads`` sets the intra-op thread count; ``None`` keeps onnxruntime's default (one per
     physical core). Inter-op parallelism stays off: these CNNs are a chain of ops, and a second
     pool only competes for the same cores.
     """
-    p = Path(path)
     if threads is not None and int(threads) < 1:
         raise UserError(f"threads must be >= 1, got {threads}")
     opts = ort.SessionOptions()
@@ -28,6 +27,13 @@ def make_session(path: str | os.PathLike[str], *, threads: int | None = None) ->
     if threads is not None:
         opts.intra_op_num_threads = int(threads)
     opts.log_severity_level = 3  # onnxruntime's warnings are about its own fusions, not user input
+    return opts
+
+
+def make_session(path: str | os.PathLike[str], *, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU session for the model file at ``path`` with :func:`session_options`."""
+    p = Path(path)
+    opts = session_options(threads)
     try:
         return ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001
