@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=0.05,
                    help="significance level of 'beyond budget' (default 0.05)")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="default: the baseline's (1 64 when writing one)")
-    p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds per batch size (default 20)")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per batch size (default 15)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: the baseline's, or 1)")
     p.add_argument("--update-baseline", action="store_true", help="measure and write this role's entry "
                    "(atomically), then exit 0")
