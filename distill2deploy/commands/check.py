@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     now = bl.measure_model(model, input_size=meta.get("input_size"), batch_sizes=batch_sizes, rounds=args.rounds,
                            threads=threads, images=data[0], labels=data[1], data_hash=data[2],
                            expect_shape=then["input_shape"] if then else None, where=str(args.baseline),
+                           plans={bs: v["plan"] for bs, v in then["latency"].items()} if then else None,
                            progress=sys.stderr.isatty())
     if args.update_baseline:
         bl.save_entry(args.baseline, role, now)

@@ -132,10 +132,11 @@ def measure_model(path: str | os.PathLike[str], *, input_size: int | None, batch
                   rounds: int, threads: int | None, images: np.ndarray | None = None,
                   labels: np.ndarray | None = None, data_hash: str | None = None,
                   expect_shape: Sequence[int] | None = None, where: str | None = None,
-                  progress: bool = True) -> dict[str, Any]:
+                  plans: dict[str, dict[str, Any]] | None = None, progress: bool = True) -> dict[str, Any]:
     """One baseline entry (or the "now" side of a check): latency rounds, and per-image top-1 when
     ``images`` (float32 NCHW, preprocessed) with ``labels`` are given. ``expect_shape`` (the
-    baseline's input shape) is checked before any timing."""
+    baseline's input shape) is checked before any timing; ``plans`` (the baseline's timing plans per
+    batch size) make the timing procedure the baseline's."""
     session = make_session(path, threads=threads)
     shape = input_shape(session, input_size)
     if expect_shape is not None and list(expect_shape) != shape:
@@ -149,5 +150,5 @@ def measure_model(path: str | os.PathLike[str], *, input_size: int | None, batch
         logits = run_batched(session, images, 256)
         entry["accuracy"] = accuracy_entry(logits.argmax(1) == np.asarray(labels).reshape(-1), data_hash or "")
     entry["latency"] = measure_relative(session, shape, batch_sizes=batch_sizes, rounds=rounds, threads=threads,
-                                        progress=progress)
+                                        progress=progress, plans=plans)
     return entry

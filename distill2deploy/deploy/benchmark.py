@@ -73,16 +73,27 @@ def reference_model() -> onnx.ModelProto:
 
 
 def _block_timer(session: ort.InferenceSession, feed: dict[str, np.ndarray],
-                 cpu_clock: bool) -> Callable[[int], tuple[float, float]]:
-    """(wall seconds, clock seconds) per run, timing ``n`` back-to-back runs as one block."""
+                 cpu_clock: bool) -> Callable[[int, bool], tuple[float, float]]:
+    """(wall seconds, clock seconds) per run, timing ``n`` back-to-back runs as one block, after
+    one untimed run when ``warm`` (it refills caches the other network's block evicted)."""
     clock = time.thread_time if cpu_clock else time.perf_counter
 
-    def run(n: int) -> tuple[float, float]:
+    def run(n: int, warm: bool = False) -> tuple[float, float]:
+        if warm:
+            session.run(None, feed)
         w0, c0 = time.perf_counter(), clock()
         for _ in range(n):
             session.run(None, feed)
         return (time.perf_counter() - w0) / n, (clock() - c0) / n
     return run
+
+
+def _plan(t_m: float, t_r: float, block_seconds: float, round_seconds: float) -> dict[str, Any]:
+    """Runs per block (model, reference), blocks per round, and whether blocks start with a warm run."""
+    block = max(block_seconds, t_m, t_r)
+    n_m, n_r = max(1, round(block / t_m)), max(1, round(block / t_r))
+    return {"runs_per_block": [n_m, n_r], "blocks_per_round": max(1, round(round_seconds / (2 * block))),
+            "warm": n_m > 1 or n_r > 1}
 
 
 def measure_relative(
@@ -96,6 +107,7 @@ def measure_relative(
     block_seconds: float = 0.02,
     progress: bool = True,
     seed: int = 0,
+    plans: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per batch size: ``relative`` (one model/reference ratio per round) and absolute p50/p99 in ms.
 
@@ -112,6 +124,12 @@ def measure_relative(
     jobs run is not the model's cost. Measured here under load, this cut the round-to-round spread
     at batch 64 from 18-28% (wall clock) to 4-7%. With more threads the work is spread over
     onnxruntime's pool and wall time is used (``clock: "wall"``). Absolute p50/p99 are wall time.
+
+    The block sizes (``plan``: runs per block, blocks per round, a warm-up run at the start of
+    short blocks) are chosen from the CPU time of a few runs and returned with the figures; a check
+    passes the baseline's ``plans`` back so that both sides time exactly the same procedure (with
+    plans picked per process, ResNet-44's batch-1 ratio moved by 18% between processes, because
+    the cold first run of a block weighs more in a shorter block).
     """
     batch_sizes = [int(b) for b in batch_sizes]
     if not batch_sizes or min(batch_sizes) < 1:
@@ -134,17 +152,18 @@ def measure_relative(
                 run_m = _block_timer(session, {name: x_m}, cpu_clock)
                 run_r = _block_timer(ref, {"input": rng.standard_normal((bs, *_REF_INPUT), dtype=np.float32)}, cpu_clock)
                 run_m(3), run_r(3)  # warm-up: first runs allocate arenas and pick kernels
-                t_m = float(np.median([run_m(1)[0] for _ in range(3)]))
-                t_r = float(np.median([run_r(1)[0] for _ in range(3)]))
-                block = max(block_seconds, t_m, t_r)
-                n_m, n_r = max(1, round(block / t_m)), max(1, round(block / t_r))
-                pairs = max(1, round(round_seconds / (2 * block)))
+                plan = (plans or {}).get(str(bs))
+                if plan is None:
+                    t_m = float(np.median([run_m(1)[1] for _ in range(3)]))
+                    t_r = float(np.median([run_r(1)[1] for _ in range(3)]))
+                    plan = _plan(t_m, t_r, block_seconds, round_seconds)
+                (n_m, n_r), pairs, warm = plan["runs_per_block"], plan["blocks_per_round"], plan["warm"]
                 ratios, model_s, ref_s = [], [], []
                 for _ in range(int(rounds)):
                     tm, tr = [], []
                     for _ in range(pairs):
-                        tm.append(run_m(n_m))
-                        tr.append(run_r(n_r))
+                        tm.append(run_m(n_m, warm))
+                        tr.append(run_r(n_r, warm))
                     ratios.append(float(np.median([c for _, c in tm]) / np.median([c for _, c in tr])))
                     model_s += [w for w, _ in tm]
                     ref_s += [w for w, _ in tr]
@@ -155,7 +174,7 @@ def measure_relative(
                 out[str(bs)] = {"relative": [round(r, 6) for r in ratios], "clock": "thread_cpu" if cpu_clock else "wall",
                                 "p50_ms": float(p50), "p99_ms": float(p99),
                                 "reference_p50_ms": float(np.median(ref_s) * 1e3),
-                                "runs_per_block": [n_m, n_r], "blocks_per_round": pairs}
+                                "plan": plan}
     finally:
         if gc_was_enabled:
             gc.enable()
