@@ -126,6 +126,8 @@ class ValidateConfig:
     warmup: int = doc(20, "untimed runs before timing")
     runs: int = doc(200, "timed runs per batch size (at least 200 for the report's percentiles)")
     threads: int | None = doc(None, "onnxruntime intra-op threads (null: onnxruntime's default)")
+    baseline_rounds: int = doc(15, "timing rounds per model and batch size of <run>/baseline.json, the baseline "
+                               "`distill2deploy check` compares with (1 thread; 0: write none)")
 
 
 @dataclass
@@ -154,7 +156,14 @@ def bundled_pipelines() -> Path:
 
 
 def resolve_config_path(name: str) -> Path:
-    """``./NAME`` if it exists, else the bundled ``pipelines/NAME`` (``.yaml`` may be omitted)."""
+    """``./NAME`` if it exists, else the bundled ``pipelines/NAME`` (``.yaml`` may be omitted); a run
+    directory stands for the ``config.yaml`` the pipeline saved in it."""
+    if Path(name).is_dir():
+        saved = Path(name) / "config.yaml"
+        if not saved.is_file():
+            raise UserError("a directory without config.yaml is not a run directory", where=name,
+                            fix="pass the YAML config, or a directory a pipeline run wrote (exports/<name>/)")
+        return saved
     candidates = [Path(name)]
     if not name.endswith((".yaml", ".yml")):
         candidates.append(Path(name + ".yaml"))
@@ -225,6 +234,9 @@ def check_config(cfg: PipelineConfig) -> None:
         raise UserError(f"opset {cfg.export.opset} is too old", where="export.opset", fix="use 17 or newer")
     if cfg.validate.runs < 1 or not cfg.validate.batch_sizes or any(b < 1 for b in cfg.validate.batch_sizes):
         raise UserError("runs and batch sizes must be positive", where="validate")
+    if cfg.validate.baseline_rounds != 0 and cfg.validate.baseline_rounds < 5:
+        raise UserError(f"baseline_rounds is {cfg.validate.baseline_rounds}: a significance test needs 5 or more",
+                        where="validate.baseline_rounds", fix="use 15 (the default), or 0 to write no baseline")
     if cfg.quantize.calib_batch_size < 1 or cfg.quantize.calib_samples < cfg.quantize.calib_batch_size:
         raise UserError(f"calib_samples ({cfg.quantize.calib_samples}) must be at least one batch "
                         f"({cfg.quantize.calib_batch_size})", where="quantize.calib_samples")
@@ -239,7 +251,13 @@ def config_dict(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def config_hash(cfg: PipelineConfig) -> str:
-    return obj_sha256(config_dict(cfg))
+    """The run's one hash: of everything that determines the models (not the run name, worker counts or
+    validation settings). The ONNX metadata, ``config.sha256`` and the report all carry it."""
+    d = config_dict(cfg)
+    for k in ("name", "validate"):
+        d.pop(k, None)
+    d["data"].pop("num_workers", None)
+    return obj_sha256(d)
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

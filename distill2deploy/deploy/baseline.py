@@ -56,11 +56,14 @@ def load_baseline(path: str | os.PathLike[str], *, missing_ok: bool = False) -> 
 
 
 def save_entry(path: str | os.PathLike[str], role: str, entry: dict[str, Any]) -> None:
-    """Add or replace one role's entry, keeping the others; atomic, roles sorted (same content, same bytes)."""
+    """Add or replace one role's entry, keeping the others."""
     data = load_baseline(path, missing_ok=True)
-    data["roles"][role] = entry
-    data["roles"] = dict(sorted(data["roles"].items()))
-    _io.write_json(path, data)
+    write_baseline(path, {**data["roles"], role: entry})
+
+
+def write_baseline(path: str | os.PathLike[str], entries: dict[str, dict[str, Any]]) -> None:
+    """Write a baseline with these role entries: atomic, roles sorted (same content, same bytes)."""
+    _io.write_json(path, {**empty_baseline(), "roles": dict(sorted(entries.items()))})
 
 
 def role_of(path: str | os.PathLike[str]) -> str:
