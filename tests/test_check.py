@@ -172,3 +172,19 @@ def test_statistics():
     tiny[np.flatnonzero(correct)[:3]] = False  # -0.3 points: within budget
     assert rg.compare_accuracy(correct, tiny, max_drop=0.5, alpha=0.05)["verdict"] == rg.OK
     assert np.array_equal(unpack_bits(pack_bits(correct), len(correct)), correct)
+
+
+def test_workflow_runs_real_flags():
+    """The ready-to-copy workflow must keep working as the CLI changes: every flag it passes exists."""
+    import re
+
+    import yaml
+
+    from distill2deploy.cli import build_parser
+
+    wf = yaml.safe_load((Path(__file__).resolve().parents[1] / ".github/workflows/model-check.yml").read_text())
+    runs = " ".join(step.get("run", "") for step in wf["jobs"]["check"]["steps"])
+    check = build_parser()._subparsers._group_actions[0].choices["check"]
+    known = {o for a in check._actions for o in a.option_strings}
+    used = set(re.findall(r"(?<=\s)--[a-z][a-z-]+", " check ".join(re.findall(r"distill2deploy check([^\n]*(?:\\\n[^\n]*)*)", runs))))
+    assert used and used <= known, used - known

@@ -15,14 +15,14 @@ def _spread_labels(ax: Any, points: list[tuple[str, float, float]], min_gap_px: 
     INT8 next to its fp32 at equal accuracy); labels at a fixed offset would overprint.
     """
     ax.figure.canvas.draw()  # fix limits and transforms before measuring in pixels
-    placed: list[float] = []
+    placed: list[tuple[float, float]] = []
     for name, x, y in sorted(points, key=lambda p: (p[2], p[1])):
         px, py = ax.transData.transform((x, y))
         ly = py
-        for other in placed:
-            if abs(ly - other) < min_gap_px:
-                ly = other + min_gap_px
-        placed.append(ly)
+        for ox, oy in placed:  # only labels that would share the same stretch of text line collide
+            if abs(ly - oy) < min_gap_px and abs(px - ox) < 90:
+                ly = oy + min_gap_px
+        placed.append((px, ly))
         moved = ly - py
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(7, 3 + moved * 72 / ax.figure.dpi),
                     fontsize=8, arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6} if moved > 1 else None)
@@ -42,6 +42,7 @@ def plot_accuracy_latency(report: dict[str, Any], path: str | os.PathLike[str], 
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     models = report.get("models") or {}
     if not models:
@@ -64,6 +65,9 @@ def plot_accuracy_latency(report: dict[str, Any], path: str | os.PathLike[str], 
         xs = [p[1] for p in points]
         if max(xs) >= 10 * min(xs):
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(f"p50 latency at batch {bs} (ms, onnxruntime CPU)")
         ax.set_ylabel("top-1 accuracy (%)")
         ax.set_title(f"batch {bs}", fontsize=10)
