@@ -67,18 +67,17 @@ def _load_data(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[Any, Any
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import _io
+    """Validate the inputs (exit 2 before any timing), measure, then record or compare."""
     from ..deploy import baseline as bl
-    from ..deploy import regression as rg
-    from ..deploy.machine import differences
     from ..deploy.metadata import read_metadata
+    from ..deploy.validate import model_key
 
     _check_args(args)
     model = Path(args.model)
     meta = read_metadata(model, require=bool(args.data))  # unreadable model: UserError before anything else
     base = bl.load_baseline(args.baseline, missing_ok=args.update_baseline)
     if args.update_baseline:
-        role, then = args.role or bl.role_of(model), None
+        role, then = args.role or model_key(model), None
     else:
         role = bl.select_role(base, model, args.role, where=str(args.baseline))
         then = base["roles"][role]
@@ -114,17 +113,36 @@ def run(args: argparse.Namespace) -> int:
                            plans={bs: v["plan"] for bs, v in then["latency"].items()} if then else None,
                            progress=sys.stderr.isatty())
     if args.update_baseline:
-        bl.save_entry(args.baseline, role, now)
-        rows = [[f"latency @bs{bs} (x reference)", f"{_median(v['relative']):.3f}", f"p50 {v['p50_ms']:.3f} ms",
-                 f"p99 {v['p99_ms']:.3f} ms"] for bs, v in now["latency"].items()]
-        if "accuracy" in now:
-            rows.append([f"top-1 ({now['accuracy']['n']} images)", f"{100 * now['accuracy']['top1']:.2f}%", "", ""])
-        print(rg.format_table(rows, ["figure", "recorded", "absolute", ""]))
-        print(f"baseline {args.baseline}: wrote role {role!r}")
-        if args.json:
-            _io.write_json(args.json, {"model": str(model), "baseline": str(args.baseline), "role": role,
-                                       "updated": True, "entry": now})
-        return 0
+        return _record(args, role, now)
+    return _compare(args, role, then, now, threads, batch_sizes)
+
+
+def _record(args: argparse.Namespace, role: str, now: dict[str, Any]) -> int:
+    """--update-baseline: write this role's entry and show what was recorded."""
+    from .. import _io
+    from ..deploy import baseline as bl
+    from ..deploy.regression import format_table
+
+    bl.save_entry(args.baseline, role, now)
+    rows = [[f"latency @bs{bs} (x reference)", f"{_median(v['relative']):.3f}", f"p50 {v['p50_ms']:.3f} ms",
+             f"p99 {v['p99_ms']:.3f} ms"] for bs, v in now["latency"].items()]
+    if "accuracy" in now:
+        rows.append([f"top-1 ({now['accuracy']['n']} images)", f"{100 * now['accuracy']['top1']:.2f}%", "", ""])
+    print(format_table(rows, ["figure", "recorded", "absolute (wall)", ""]))
+    print(f"baseline {args.baseline}: wrote role {role!r}")
+    if args.json:
+        _io.write_json(args.json, {"model": args.model, "baseline": str(args.baseline), "role": role,
+                                   "updated": True, "entry": now})
+    return 0
+
+
+def _compare(args: argparse.Namespace, role: str, then: dict[str, Any], now: dict[str, Any], threads: int,
+             batch_sizes: list[int]) -> int:
+    """Verdict per figure, the table, the JSON; 1 when any figure regressed."""
+    from .. import _io
+    from ..deploy import baseline as bl
+    from ..deploy import regression as rg
+    from ..deploy.machine import differences
 
     moved = differences(then["machine"], now["machine"])
     for line in moved:
@@ -147,9 +165,9 @@ def run(args: argparse.Namespace) -> int:
     failed = [k for k, r in figures.items() if r["verdict"] == rg.REGRESSION]
     print(rg.format_table(rows))
     print(f"{'FAIL' if failed else 'PASS'}: {', '.join(failed) + ' regressed' if failed else 'within budget'} "
-          f"({model.name} vs {args.baseline} [{role}])")
+          f"({Path(args.model).name} vs {args.baseline} [{role}])")
     if args.json:
-        _io.write_json(args.json, {"model": str(model), "baseline": str(args.baseline), "role": role,
+        _io.write_json(args.json, {"model": args.model, "baseline": str(args.baseline), "role": role,
                                    "passed": not failed, "regressed": failed, "figures": figures,
                                    "machine": now["machine"], "machine_differences": moved,
                                    "settings": {"rounds": args.rounds, "threads": threads, "alpha": args.alpha,

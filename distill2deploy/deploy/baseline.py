@@ -24,6 +24,7 @@ from ..errors import UserError
 from .benchmark import REFERENCE_VERSION, measure_relative
 from .evaluate import make_session, run_batched
 from .machine import fingerprint
+from .validate import model_key
 
 FORMAT = "distill2deploy.baseline/1"
 
@@ -48,6 +49,11 @@ def load_baseline(path: str | os.PathLike[str], *, missing_ok: bool = False) -> 
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("roles"), dict):
         raise UserError(f"not a distill2deploy baseline (expected \"format\": \"{FORMAT}\")", where=str(p),
                         fix="write one with: distill2deploy check MODEL.onnx --baseline FILE --update-baseline")
+    broken = [r for r, e in data["roles"].items()
+              if not isinstance(e, dict) or not {"latency", "machine", "input_shape", "model_sha256"} <= set(e)]
+    if broken:
+        raise UserError(f"baseline entries {broken} lack latency/machine/input_shape/model_sha256", where=str(p),
+                        fix="re-record them with --update-baseline --role ROLE")
     if data.get("reference") != REFERENCE_VERSION:
         raise UserError(f"baseline was timed against reference workload {data.get('reference')!r}, this version "
                         f"uses {REFERENCE_VERSION!r}: relative latencies are not comparable", where=str(p),
@@ -66,12 +72,6 @@ def write_baseline(path: str | os.PathLike[str], entries: dict[str, dict[str, An
     _io.write_json(path, {**empty_baseline(), "roles": dict(sorted(entries.items()))})
 
 
-def role_of(path: str | os.PathLike[str]) -> str:
-    """Default role of a model file: its name without ``.onnx`` (``student.int8.onnx`` -> ``student.int8``)."""
-    name = Path(path).name
-    return name[: -len(".onnx")] if name.endswith(".onnx") else name
-
-
 def select_role(baseline: dict[str, Any], model_path: str | os.PathLike[str], role: str | None,
                 where: str) -> str:
     """The baseline entry a model is compared with: ``role`` if given, else the only entry, else the
@@ -84,7 +84,7 @@ def select_role(baseline: dict[str, Any], model_path: str | os.PathLike[str], ro
         return role
     if len(roles) == 1:
         return next(iter(roles))
-    by_name = role_of(model_path)
+    by_name = model_key(model_path)
     if by_name in roles:
         return by_name
     sha = _io.file_sha256(model_path)
