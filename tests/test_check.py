@@ -188,3 +188,17 @@ def test_workflow_runs_real_flags():
     known = {o for a in check._actions for o in a.option_strings}
     used = set(re.findall(r"(?<=\s)--[a-z][a-z-]+", " check ".join(re.findall(r"distill2deploy check([^\n]*(?:\\\n[^\n]*)*)", runs))))
     assert used and used <= known, used - known
+
+
+def test_machine_fingerprint_and_reference_are_stable():
+    from distill2deploy.deploy.benchmark import reference_model
+    from distill2deploy.deploy.machine import differences, fingerprint
+
+    here = fingerprint(1)
+    assert here["threads"] == 1 and here["cores"] >= 1 and here["onnxruntime"]
+    other = {**here, "cpu": "Other CPU", "isa": [*here["isa"], "amx_int8"], "threads": 2}
+    moved = differences(here, other)
+    assert any(m.startswith("cpu:") for m in moved) and any("+amx_int8" in m for m in moved)
+    assert any(m.startswith("threads:") for m in moved) and differences(here, dict(here)) == []
+    # the yardstick must be the same network in every process and on every machine
+    assert reference_model().SerializeToString() == reference_model().SerializeToString()
