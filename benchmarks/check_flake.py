@@ -7,7 +7,7 @@ Three scenarios, each run ``--runs`` times against one baseline recorded once fo
 - ``accuracy``: ResNet-44 with seeded Gaussian noise (0.15 std of each conv weight) on its conv weights,
   under the same file name: the same compute, 6 points less top-1 on the 400-image sample; every run
   should fail. (ResNet-20 in the slot, 2.75 points less on those 400 images, is *not* a drop beyond a
-  0.5-point budget with confidence: its 95% interval is about +-4 points.)
+  0.5-point budget with confidence: its paired 95% interval is [-6.75, +1.25] points.)
 
 Run it while other work loads the machine (that is the point)::
 
