@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import _io
-from .commands import serving
+from .commands import check, serving
 from .errors import UserError
 
 STAGE_CMDS = ("teacher", "distill", "export", "quantize", "validate", "report")
@@ -21,7 +21,8 @@ EXAMPLES = {
   distill2deploy quantize resnet56.onnx --data cifar100 --out resnet56.int8.onnx
   distill2deploy validate resnet56.onnx resnet56.int8.onnx --data cifar100 --json results.json
   distill2deploy serve resnet56.onnx --port 8000
-  distill2deploy predict resnet56.onnx cat.jpg --top-k 3""",
+  distill2deploy predict resnet56.onnx cat.jpg --top-k 3
+  distill2deploy check resnet56.int8.onnx --baseline baseline.json --data cifar100   # CI gate: exit 1 on regression""",
     "pipeline": """examples:
   distill2deploy pipeline quickstart.yaml            # ./quickstart.yaml or the bundled pipelines/quickstart.yaml
   distill2deploy pipeline mobilenet.yaml -o distill.method=ce -o seed=1 --out exports/mbv2_ce_seed1
@@ -37,8 +38,11 @@ EXAMPLES = {
   distill2deploy quantize resnet56.onnx --data npz:sample.npz --out resnet56.int8.onnx --calib-samples 480""",
     "validate": """examples:
   distill2deploy validate mobilenet.yaml                 # the pipeline's validate stage
+  distill2deploy validate exports/mobilenet -o validate.runs=500   # a run directory (its config.yaml)
   distill2deploy validate resnet56.onnx resnet56.int8.onnx --data npz:sample.npz --json results.json""",
-    "report": "example:\n  distill2deploy report mobilenet.yaml      # rewrite report.md/json and plots of a finished run",
+    "report": """examples:
+  distill2deploy report mobilenet.yaml       # rewrite report.md/json and plots of a finished run
+  distill2deploy report exports/mbv2_ce_seed1   # a run directory: its saved config.yaml and location""",
 }
 
 
@@ -76,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("distill", "train the student (runs the teacher stage first if needed)"),
                        ("report", "write report.md/report.json and plots for a run")):
         p = sub.add_parser(name, parents=common, formatter_class=fmt, epilog=EXAMPLES[name], help=text)
-        p.add_argument("config", help="YAML config")
+        p.add_argument("config", help="YAML config, or a run directory (uses its saved config.yaml)")
 
     p = sub.add_parser("export", parents=common, formatter_class=fmt, epilog=EXAMPLES["export"],
                        help="export ONNX: a pipeline's models, or one timm model (--model)")
@@ -102,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", parents=common, formatter_class=fmt, epilog=EXAMPLES["validate"],
                        help="accuracy and latency in onnxruntime: a pipeline's models, or ONNX files")
-    p.add_argument("config", nargs="+", help="YAML config, or one or more .onnx files")
+    p.add_argument("config", nargs="+", help="YAML config, a run directory, or one or more .onnx files")
     p.add_argument("--data", metavar="SOURCE", help="data source (its test split)")
     p.add_argument("--json", metavar="OUT.json", help="write the results as JSON")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
@@ -110,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--root", help="root for the 'cifar100' source (default $D2D_DATA)")
     serving.add_parsers(sub, common)
+    check.add_parser(sub)
     return parser
 
 
@@ -123,8 +128,11 @@ def _run_config(args: argparse.Namespace, until: str) -> int:
 
     overrides = list(args.overrides) + ([f"threads={args.threads}"] if args.threads is not None else [])
     cfg, _ = load_config(args.config, overrides)
+    out = args.out or (args.config if Path(args.config).is_dir() else None)  # a run directory: reuse it
     force = list(args.force) + (["report"] if args.command == "report" else [])
-    ctx = run_pipeline(cfg, Path(args.out) if args.out else None, until=until, force=force)
+    ctx = run_pipeline(cfg, Path(out) if out else None, until=until, force=force)
+    if ctx.is_main and until in ("validate", "report"):
+        _print_int8(json.loads(ctx.output("validate", "results").read_text()))
     if ctx.is_main and until == "report":
         print(f"report: {ctx.run_dir / 'report.md'}")
     return 0
@@ -144,6 +152,13 @@ def _check_range(value: int, flag: str) -> None:
 
     if not MIN_INPUT_SIZE <= value <= MAX_INPUT_SIZE:
         raise UserError(f"{value} is out of range", where=flag, fix=f"use {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE}")
+
+
+def _print_int8(result: dict) -> None:
+    from .deploy.int8_report import int8_lines, int8_summary
+
+    for line in int8_lines(int8_summary(result), result.get("settings", {})):
+        print(line)
 
 
 def _require(value: object, flag: str, command: str) -> None:
@@ -255,8 +270,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         lat = " ".join(f"p50@bs{bs} {v['p50']:.3f} ms" for bs, v in m["latency_ms"].items())
         print(f"{stem}: top-1 {100 * m['accuracy']['top1']:.2f}% top-5 {100 * m['accuracy']['top5']:.2f}% "
               f"(n={m['accuracy']['n']}) {lat} size {m['bytes'] / 1e6:.2f} MB")
-    for pair, frac in result["agreement"].items():
-        print(f"agreement {pair}: {100 * frac:.2f}%")
+    _print_int8(result)
     if args.json:
         _io.write_json(args.json, result)
     return 0
@@ -266,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "handler"):  # subcommands in their own module (commands/)
+            return args.handler(args)
         if args.command == "pipeline":
             return _run_config(args, "report")
         if args.command in ("teacher", "distill", "report"):

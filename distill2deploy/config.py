@@ -154,6 +154,8 @@ class ValidateConfig:
     warmup: int = doc(20, "untimed runs before timing", ge=0)
     runs: int = doc(200, "timed runs per batch size (at least 200 for the report's percentiles)", ge=1)
     threads: int | None = doc(None, "onnxruntime intra-op threads for validation (null: the top-level threads)", ge=1)
+    baseline_rounds: int = doc(15, "timing rounds per model and batch size of <run>/baseline.json, the baseline "
+                               "`distill2deploy check` compares with (1 thread; 0: write none)", ge=0)
 
 
 @dataclass
@@ -185,7 +187,14 @@ def bundled_pipelines() -> Path:
 
 
 def resolve_config_path(name: str) -> Path:
-    """``./NAME`` if it exists, else the bundled ``pipelines/NAME`` (``.yaml`` may be omitted)."""
+    """``./NAME`` if it exists, else the bundled ``pipelines/NAME`` (``.yaml`` may be omitted); a run
+    directory stands for the ``config.yaml`` the pipeline saved in it."""
+    if Path(name).is_dir():
+        saved = Path(name) / "config.yaml"
+        if not saved.is_file():
+            raise UserError("a directory without config.yaml is not a run directory", where=name,
+                            fix="pass the YAML config, or a directory a pipeline run wrote (exports/<name>/)")
+        return saved
     candidates = [Path(name)]
     if not name.endswith((".yaml", ".yml")):
         candidates.append(Path(name + ".yaml"))
@@ -262,6 +271,9 @@ def check_config(cfg: PipelineConfig) -> None:
         raise UserError("mean and std need 3 values each (std > 0)", where="data.mean/data.std")
     if not cfg.validate.batch_sizes:
         raise UserError("no batch sizes to measure", where="validate.batch_sizes", fix="e.g. [1, 64]")
+    if cfg.validate.baseline_rounds != 0 and cfg.validate.baseline_rounds < 5:
+        raise UserError(f"baseline_rounds is {cfg.validate.baseline_rounds}: a significance test needs 5 or more",
+                        where="validate.baseline_rounds", fix="use 15 (the default), or 0 to write no baseline")
     if cfg.quantize.calib_samples < cfg.quantize.calib_batch_size:
         raise UserError(f"calib_samples ({cfg.quantize.calib_samples}) must be at least one batch "
                         f"({cfg.quantize.calib_batch_size})", where="quantize.calib_samples",
@@ -284,7 +296,14 @@ def config_dict(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def config_hash(cfg: PipelineConfig) -> str:
-    return obj_sha256(config_dict(cfg))
+    """The run's one hash: of everything that determines the exported models (not the run name, worker
+    or thread counts, quantization or validation settings, so changing those re-exports nothing). The
+    ONNX metadata, ``config.sha256`` and the report all carry it."""
+    d = config_dict(cfg)
+    for k in ("name", "validate", "quantize", "threads"):
+        d.pop(k, None)
+    d["data"].pop("num_workers", None)
+    return obj_sha256(d)
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

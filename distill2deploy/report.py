@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _io
+from .deploy.int8_report import int8_markdown, int8_summary
 
 
 def build_report(run_dir: Path, manifests: dict[str, dict[str, Any]], config_hash: str, name: str) -> dict[str, Any]:
@@ -18,6 +19,9 @@ def build_report(run_dir: Path, manifests: dict[str, dict[str, Any]], config_has
         "config_hash": config_hash,
         "models": validate["models"],
         "agreement": validate.get("agreement", {}),
+        "int8": int8_summary(validate),
+        "machine": validate.get("settings", {}).get("machine"),
+        "latency_settings": validate.get("settings", {}),
         "teacher": manifests["teacher"]["summary"],
         "distill": manifests["distill"]["summary"],
         "export": manifests["export"]["summary"],
@@ -35,12 +39,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# distill2deploy report: {report['name']}",
         "",
-        f"Config hash `{report['config_hash'][:16]}`. Teacher `{t['model']}` "
+        f"Config hash `{report['config_hash'][:16]}` (the `config_hash` in every exported model's ONNX metadata "
+        f"and in `config.sha256`). Teacher `{t['model']}` "
         f"(PyTorch test top-1 {_pct(t['test']['top1'])} on {t.get('test_images', '?')} images); "
         f"student `{d['student']}` ({d['params'] / 1e6:.2f}M params) distilled with `{d['method']}` for "
         f"{d['epochs']} epochs: PyTorch test top-1 {_pct(d['test_top1'])} (best epoch {d['best_epoch']}: "
         f"{_pct(d['best_top1'])}).",
         "",
+        *int8_markdown(report.get("int8", {}), report.get("latency_settings", {})),
         "## Measured in onnxruntime",
         "",
     ]
@@ -63,7 +69,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         if p:
             lines.append(f"Export parity `{role}` (PyTorch vs onnxruntime, {p['n']} images): max abs diff "
                          f"{p['max_abs_diff']:.2e}, top-1 agreement {_pct(p['top1_agreement'])}.")
-    lines += ["", "![accuracy vs latency](accuracy_latency.png)", "", "![training curves](training_curves.png)", ""]
+    lines += ["", "Throughput is batch size / p50 latency (one stream, no outlier-dominated mean).", "",
+              "![accuracy vs latency](accuracy_latency.png)", "", "![training curves](training_curves.png)", ""]
     return "\n".join(lines)
 
 
@@ -84,9 +91,14 @@ def _series(metrics: list[dict[str, Any]], key: str, scale: float = 1.0) -> list
     return [scale * r[key] if isinstance(r.get(key), (int, float)) else math.nan for r in metrics]
 
 
-def plot_training_curves(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
+def plot_training_curves(metrics: list[dict[str, Any]], path: Path, title: str,
+                         teacher_top1: float | None = None) -> None:
     """Loss terms, top-1 and (where logged) the final-level right/wrong fractions per epoch: what a
     person checks first when a run looks wrong.
+
+    The top-1 panel marks the best epoch of the student (the checkpoint kept as ``best.pt``) and
+    the frozen teacher's test top-1 (``teacher_top1``) as a horizontal line; a co-trained teacher
+    (bidirectional methods log ``test_teacher_top1``) is its own curve.
 
     Uses the object-oriented Agg API (no pyplot), like :mod:`~distill2deploy.deploy.plots`, so it
     neither switches a caller's matplotlib backend nor leaves global figure state behind.
@@ -105,8 +117,19 @@ def plot_training_curves(metrics: list[dict[str, Any]], path: Path, title: str) 
     for key in loss_keys(keys):
         axes[0].plot(epochs, _series(metrics, key), label=key.removeprefix("train_"), **style)
     axes[0].set_xlabel("epoch"), axes[0].set_ylabel("training loss term"), axes[0].legend(fontsize=7)
+    names = {"test_top1": "student (test)", "train_top1": "student (train)",
+             "test_teacher_top1": "teacher, co-trained (test)"}
     for key in [k for k in keys if k.endswith("top1")]:
-        axes[1].plot(epochs, _series(metrics, key, 100.0), label=key, **style)
+        axes[1].plot(epochs, _series(metrics, key, 100.0), label=names.get(key, key), **style)
+    if teacher_top1 is not None:
+        axes[1].axhline(100 * teacher_top1, color="0.3", ls=":", lw=1,
+                        label=f"teacher before distillation {100 * teacher_top1:.1f}%")
+    test = _series(metrics, "test_top1", 100.0)
+    if any(math.isfinite(v) for v in test):
+        best = max(range(len(test)), key=lambda i: test[i] if math.isfinite(test[i]) else -1)
+        axes[1].axvline(epochs[best], color="tab:green", ls="--", lw=1,
+                        label=f"best epoch {epochs[best]}: {test[best]:.1f}%")
+        axes[1].plot([epochs[best]], [test[best]], "*", color="tab:green", ms=10)
     axes[1].set_xlabel("epoch"), axes[1].set_ylabel("top-1 %"), axes[1].legend(fontsize=7)
     if mask_keys:
         for key in mask_keys:

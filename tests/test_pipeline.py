@@ -19,6 +19,7 @@ def quick_args(run_dir: Path, *extra: str) -> list[str]:
             "-o", "data.subset.train=256", "-o", "data.subset.test=128", "-o", "distill.epochs=1",
             "-o", "distill.milestones=[1]", "-o", "quantize.calib_samples=64", "-o", "validate.runs=5",
             "-o", "validate.warmup=1", "-o", "validate.batch_sizes=[1, 8]", "-o", "export.parity_samples=32",
+            "-o", "validate.baseline_rounds=5",
             *extra]
 
 
@@ -32,7 +33,7 @@ def finished_run(tmp_path_factory) -> Path:
 def test_pipeline_produces_models_and_report(finished_run):
     for f in ("teacher/teacher.pt", "distill/student.pt", "export/teacher.onnx", "export/student.onnx",
               "quantize/student.int8.onnx", "report.json", "report.md", "accuracy_latency.png",
-              "training_curves.png", "config.yaml", "config.sha256"):
+              "training_curves.png", "config.yaml", "config.sha256", "baseline.json"):
         assert (finished_run / f).is_file(), f
     report = json.loads((finished_run / "report.json").read_text())
     assert set(report["models"]) == {"teacher", "student", "student.int8"}
@@ -71,3 +72,32 @@ def test_changed_validate_settings_reuse_models(finished_run, capsys):
     assert main(quick_args(finished_run, "-o", "validate.runs=6")) == 0
     out = capsys.readouterr().out
     assert "✓ quantize: cached" in out and "✓ validate: done" in out
+
+
+def test_one_config_hash_int8_verdict_and_baseline(finished_run):
+    from distill2deploy.deploy.metadata import read_metadata
+
+    report = json.loads((finished_run / "report.json").read_text())
+    digest = (finished_run / "config.sha256").read_text().strip()
+    assert report["config_hash"] == digest == read_metadata(finished_run / "export" / "student.onnx")["config_hash"]
+    verdict = report["int8"]["student.int8 vs student"]
+    tc = verdict["top1_change"]
+    top1 = {k: report["models"][k]["accuracy"]["top1"] for k in ("student", "student.int8")}
+    assert tc["change_pts"] == pytest.approx(100 * (top1["student.int8"] - top1["student"])) and tc["n"] == 128
+    assert set(verdict["latency_ratio"]) == {"1", "8"} and 0 < verdict["size_ratio"] < 0.5
+    assert report["machine"]["threads"] is None and report["machine"]["cores"] >= 1
+    assert "## Is INT8 worth it?" in (finished_run / "report.md").read_text()
+    baseline = json.loads((finished_run / "baseline.json").read_text())
+    assert set(baseline["roles"]) == {"teacher", "student", "student.int8"}
+    assert baseline["roles"]["teacher"]["accuracy"]["top1"] == report["models"]["teacher"]["accuracy"]["top1"]
+
+
+def test_report_and_check_take_a_run_directory(finished_run, capsys):
+    assert main(["report", str(finished_run)]) == 0
+    out = capsys.readouterr().out
+    assert "✓ validate: cached" in out and f"report: {finished_run / 'report.md'}" in out
+    assert "INT8 student.int8 vs student: top-1" in out
+    # the pipeline's own baseline, role picked by file name; a generous budget: this is about plumbing
+    assert main(["check", str(finished_run / "quantize" / "student.int8.onnx"), "--baseline",
+                 str(finished_run / "baseline.json"), "--rounds", "5", "--max-slowdown", "5"]) == 0
+    assert "(role 'student.int8')" in capsys.readouterr().err

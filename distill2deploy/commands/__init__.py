@@ -1,1 +1,1 @@
-"""CLI subcommands that live outside cli.py: each module adds its parsers and handlers."""
+"""Subcommands that live outside cli.py: each module adds its parsers and sets ``handler`` on them."""

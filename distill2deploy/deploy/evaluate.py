@@ -11,9 +11,8 @@ from ..errors import UserError
 from .metadata import load_model
 
 
-def make_session(path: str | os.PathLike[str], *, threads: int | None = None,
-                 spin: bool = True) -> ort.InferenceSession:
-    """A CPU session with all graph optimisations (QDQ -> QLinear* fusion needs them).
+def session_options(threads: int | None = None, *, spin: bool = True) -> ort.SessionOptions:
+    """Options every session here uses: all graph optimisations (QDQ -> QLinear* fusion needs them).
 
     ``threads`` sets the intra-op thread count; ``None`` keeps onnxruntime's default (one per
     physical core). Inter-op parallelism stays off: these CNNs are a chain of ops, and a second
@@ -21,7 +20,6 @@ def make_session(path: str | os.PathLike[str], *, threads: int | None = None,
     busy-waiting for the next call: right for a server, whose event loop needs those cores between
     batches; timing loops keep the default, which is faster for back-to-back calls.
     """
-    p = Path(path)
     if threads is not None and int(threads) < 1:
         raise UserError(f"threads must be >= 1, got {threads}")
     opts = ort.SessionOptions()
@@ -33,6 +31,14 @@ def make_session(path: str | os.PathLike[str], *, threads: int | None = None,
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3  # onnxruntime's warnings are about its own fusions, not user input
+    return opts
+
+
+def make_session(path: str | os.PathLike[str], *, threads: int | None = None,
+                 spin: bool = True) -> ort.InferenceSession:
+    """A CPU session for the model file at ``path`` with :func:`session_options`."""
+    p = Path(path)
+    opts = session_options(threads, spin=spin)
     try:
         return ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001

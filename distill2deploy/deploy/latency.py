@@ -11,7 +11,6 @@ all models alike and their ratio stays meaningful even when the absolute numbers
 from __future__ import annotations
 
 import os
-import platform
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -22,12 +21,18 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from .evaluate import make_session
+from .machine import fingerprint
 
 
-def _stats_ms(times_s: np.ndarray) -> dict[str, float]:
-    ms = times_s * 1e3
+def _stats_ms(rounds_s: list[list[float]]) -> dict[str, Any]:
+    """Percentiles over all runs, plus each round's p50 and their spread ((max - min) / median):
+    the run-to-run movement that tells a reader whether the load changed while timing."""
+    ms = np.concatenate([np.asarray(r) for r in rounds_s if r]) * 1e3
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(ms.mean())}
+    per_round = [float(np.median(r) * 1e3) for r in rounds_s if r]
+    spread = (max(per_round) - min(per_round)) / float(np.median(per_round))
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(ms.mean()),
+            "round_p50": per_round, "round_spread": spread}
 
 
 def _chunks(total: int, rounds: int) -> list[int]:
@@ -87,7 +92,8 @@ def measure_latency_many(
                     bar.update()
             for chunk in _chunks(runs, rounds):
                 for m, ((session, _), feed) in enumerate(zip(sessions, feeds)):
-                    out = times[(m, bs)]
+                    out: list[float] = []
+                    times[(m, bs)].append(out)
                     for _ in range(chunk):
                         t0 = time.perf_counter()
                         session.run(None, feed)
@@ -95,17 +101,19 @@ def measure_latency_many(
                     bar.update(chunk)
                     bar.set_postfix_str(f"bs={bs}")
 
+    machine = fingerprint(threads)
     settings = {
         "warmup": warmup, "runs": runs, "rounds": rounds, "threads": threads,
         "provider": "CPUExecutionProvider", "onnxruntime": ort.__version__,
-        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "cpu": machine["cpu"], "cpu_count": os.cpu_count(), "machine": machine,
     }
     results = []
     for m in range(len(paths)):
-        t = {bs: np.asarray(times[(m, bs)]) for bs in batch_sizes}
+        lat = {str(bs): _stats_ms(times[(m, bs)]) for bs in batch_sizes}
         results.append({
-            "latency_ms": {str(bs): _stats_ms(t[bs]) for bs in batch_sizes},
-            "throughput_ips": {str(bs): float(bs * len(t[bs]) / t[bs].sum()) for bs in batch_sizes},
+            "latency_ms": lat,
+            # from p50, not total time: a few preempted runs must not halve the headline figure
+            "throughput_ips": {str(bs): float(bs * 1e3 / lat[str(bs)]["p50"]) for bs in batch_sizes},
             "settings": dict(settings),
         })
     return results
@@ -124,8 +132,8 @@ def measure_latency(
 ) -> dict[str, Any]:
     """Time ``runs`` single inferences per batch size after ``warmup`` untimed ones.
 
-    Returns ``{"latency_ms": {"<bs>": {"p50", "p90", "p99", "mean"}}, "throughput_ips":
-    {"<bs>": images/s}, "settings": {...}}`` with throughput = bs * runs / total timed seconds.
+    Returns ``{"latency_ms": {"<bs>": {"p50", "p90", "p99", "mean", "round_p50", "round_spread"}},
+    "throughput_ips": {"<bs>": images/s}, "settings": {...}}`` with throughput = bs / p50.
     ``threads=None`` keeps onnxruntime's default intra-op thread count (one per physical core).
     """
     return measure_latency_many([path], input_sizes=[input_size], batch_sizes=batch_sizes,

@@ -8,44 +8,73 @@ from .._io import atomic_path
 from ..errors import UserError
 
 
-def plot_accuracy_latency(report: dict[str, Any], path: str | os.PathLike[str], *,
-                          batch_size: str | int | None = None, title: str | None = None) -> str:
-    """Write a PNG: p50 latency at ``batch_size`` (x, ms) against top-1 (y, %), one labelled point per model.
+def _spread_labels(ax: Any, points: list[tuple[str, float, float]], min_gap_px: float = 13.0) -> None:
+    """Annotate points with labels pushed apart vertically (display space), with a leader line when moved.
 
-    ``batch_size`` defaults to the smallest batch size every model was timed at (1 normally:
-    single-image latency is what an interactive deployment sees).
+    Models of one run often sit on top of each other (fp32 teacher and student at similar latency,
+    INT8 next to its fp32 at equal accuracy); labels at a fixed offset would overprint.
+    """
+    ax.figure.canvas.draw()  # fix limits and transforms before measuring in pixels
+    placed: list[tuple[float, float]] = []
+    for name, x, y in sorted(points, key=lambda p: (p[2], p[1])):
+        px, py = ax.transData.transform((x, y))
+        ly = py
+        for ox, oy in placed:  # only labels that would share the same stretch of text line collide
+            if abs(ly - oy) < min_gap_px and abs(px - ox) < 90:
+                ly = oy + min_gap_px
+        placed.append((px, ly))
+        moved = ly - py
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(7, 3 + moved * 72 / ax.figure.dpi),
+                    fontsize=8, arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6} if moved > 1 else None)
+
+
+def plot_accuracy_latency(report: dict[str, Any], path: str | os.PathLike[str], *,
+                          title: str | None = None) -> str:
+    """Write a PNG: p50 latency (x, ms) against top-1 (y, %), one panel per batch size, one labelled
+    point per model (squares: INT8).
+
+    Every batch size the models share gets a panel (single-image latency is what an interactive
+    deployment sees, batch 64 what a throughput one sees). The x axis turns logarithmic when the
+    latencies in a panel span 10x or more, and labels are placed apart where points overlap.
 
     Uses the object-oriented Agg API (no pyplot), so it works headless and leaves no global figure
     state behind.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     models = report.get("models") or {}
     if not models:
         raise UserError("the report has no models to plot", fix="run validation first")
-    if batch_size is None:
-        common = set.intersection(*(set(m.get("latency_ms", {})) for m in models.values()))
-        if not common:
-            raise UserError("the models in the report share no latency batch size", fix="validate them together")
-        batch_size = min(common, key=int)
-    bs = str(batch_size)
-    fig = Figure(figsize=(6.4, 4.4), dpi=120)
+    common = set.intersection(*(set(m.get("latency_ms", {})) for m in models.values()))
+    if not common:
+        raise UserError("the models in the report share no latency batch size", fix="validate them together")
+    sizes = sorted(common, key=int)
+    fig = Figure(figsize=(5.2 * len(sizes), 4.4), dpi=120)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for name, m in models.items():
-        if bs not in m.get("latency_ms", {}):
-            raise UserError(f"model {name} has no latency at batch size {bs}",
-                            fix=f"choose one of {sorted(m.get('latency_ms', {}))}")
-        x, y = m["latency_ms"][bs]["p50"], 100.0 * m["accuracy"]["top1"]
-        int8 = name.endswith(".int8")
-        ax.scatter([x], [y], marker="s" if int8 else "o", s=40, color="tab:orange" if int8 else "tab:blue")
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel(f"p50 latency at batch {bs} (ms, onnxruntime CPU)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title or "accuracy vs latency (squares: INT8)")
-    ax.grid(True, alpha=0.3)
-    ax.margins(x=0.25, y=0.15)
+    axes = fig.subplots(1, len(sizes), squeeze=False)[0]
+    for ax, bs in zip(axes, sizes):
+        points = []
+        for name, m in models.items():
+            x, y = m["latency_ms"][bs]["p50"], 100.0 * m["accuracy"]["top1"]
+            int8 = name.endswith(".int8")
+            ax.scatter([x], [y], marker="s" if int8 else "o", s=40, color="tab:orange" if int8 else "tab:blue",
+                       zorder=3)
+            points.append((name, x, y))
+        xs = [p[1] for p in points]
+        if max(xs) >= 10 * min(xs):
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(f"p50 latency at batch {bs} (ms, onnxruntime CPU)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(f"batch {bs}", fontsize=10)
+        ax.grid(True, alpha=0.3, which="both")
+        ax.margins(x=0.3, y=0.2)
+        _spread_labels(ax, points)
+    fig.suptitle(title or "accuracy vs latency (squares: INT8)")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

@@ -12,6 +12,7 @@ from ..errors import UserError
 from .evaluate import accuracy, agreement, make_session, run_batched
 from .latency import measure_latency_many
 from .metadata import read_metadata
+from .regression import paired_accuracy
 
 Images = np.ndarray | Callable[[dict[str, Any]], np.ndarray]
 
@@ -64,6 +65,7 @@ def validate_models(
     eval_batch_size: int = 256,
     class_names: Sequence[str] | None = None,
     named: bool = True,
+    keep_correct: bool = False,
 ) -> dict[str, Any]:
     """Accuracy and latency of each model in onnxruntime, plus int8/fp32 agreement.
 
@@ -75,7 +77,11 @@ def validate_models(
 
     Each ``X.int8.onnx`` is paired with ``X.onnx`` from ``paths`` (if present): ``agreement`` holds
     the fraction of equal argmax and ``latency_ratio`` the int8/fp32 ratio of p50 latency per batch
-    size (below 1 means int8 is faster).
+    size (below 1 means int8 is faster), ``latency_ratio_spread`` how much that ratio moved between
+    the interleaved rounds, and ``top1_change`` the paired top-1 difference int8 - fp32 on the same
+    images with its 95% interval (see :func:`~distill2deploy.deploy.regression.paired_accuracy`).
+    With ``keep_correct`` the result also holds ``correct``: per model, the per-image top-1 hits
+    (a numpy array, for baselines; drop it before writing JSON).
 
     ``class_names`` are the data's classes (``named=False``: only their count is meaningful): a
     model whose metadata lists other classes is refused rather than scored against the wrong labels.
@@ -118,7 +124,8 @@ def validate_models(
         models[key]["throughput_ips"] = lat["throughput_ips"]
 
     pairs = {}
-    latency_ratio = {}
+    latency_ratio, ratio_spread, top1_change = {}, {}, {}
+    correct = {k: v.argmax(1) == labels for k, v in logits.items()}
     for key in keys:
         ref = _fp32_sibling(key)
         if ref is None or ref not in logits:
@@ -132,5 +139,18 @@ def validate_models(
             bs: models[key]["latency_ms"][bs]["p50"] / models[ref]["latency_ms"][bs]["p50"]
             for bs in models[key]["latency_ms"]
         }
-    return {"models": models, "agreement": pairs, "latency_ratio": latency_ratio,
-            "settings": {"batch_sizes": list(batch_sizes), **lats[0]["settings"]}}
+        ratio_spread[pair] = {bs: _spread(np.asarray(models[key]["latency_ms"][bs]["round_p50"])
+                                          / np.asarray(models[ref]["latency_ms"][bs]["round_p50"]))
+                              for bs in models[key]["latency_ms"]}
+        top1_change[pair] = paired_accuracy(correct[ref], correct[key])
+    result = {"models": models, "agreement": pairs, "latency_ratio": latency_ratio,
+              "latency_ratio_spread": ratio_spread, "top1_change": top1_change,
+              "settings": {"batch_sizes": list(batch_sizes), **lats[0]["settings"]}}
+    if keep_correct:
+        result["correct"] = correct
+    return result
+
+
+def _spread(x: np.ndarray) -> float:
+    """(max - min) / median of per-round figures: how much they moved while the load changed."""
+    return float((x.max() - x.min()) / np.median(x))

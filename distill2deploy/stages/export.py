@@ -5,8 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from .._schema import to_dict
-from ..config import PipelineConfig, config_dict
-from .. import _io
+from ..config import config_hash
 from ..data import preprocess
 from ..deploy.export import export_onnx
 from ..deploy.metadata import build_metadata
@@ -15,21 +14,12 @@ from ._base import RunContext, Stage, StageResult
 from .teacher import build_teacher
 
 
-def model_config_hash(cfg: PipelineConfig) -> str:
-    """Hash of everything that determines the exported weights (validation settings excluded)."""
-    d = config_dict(cfg)
-    for k in ("name", "validate", "quantize", "threads"):
-        d.pop(k, None)
-    d["data"].pop("num_workers", None)
-    return _io.obj_sha256(d)
-
-
 class ExportStage(Stage):
     name = "export"
     needs = ("teacher", "distill")
 
     def key_inputs(self, ctx: RunContext) -> dict[str, Any]:
-        return {"export": to_dict(ctx.cfg.export), "data": ctx.data_key(), "config_hash": model_config_hash(ctx.cfg)}
+        return {"export": to_dict(ctx.cfg.export), "data": ctx.data_key(), "config_hash": config_hash(ctx.cfg)}
 
     def run(self, ctx: RunContext, stage_dir: Path) -> StageResult:
         cfg = ctx.cfg
@@ -43,7 +33,7 @@ class ExportStage(Stage):
         outputs, summary = {}, {}
         for role, model, name in (("teacher", teacher, cfg.teacher.model), ("student", student, cfg.student.model)):
             meta = build_metadata(model_name=name, class_names=data.class_names, mean=d.mean, std=d.std,
-                                  input_size=d.input_size, config_hash=model_config_hash(cfg))
+                                  input_size=d.input_size, config_hash=config_hash(cfg))
             path = stage_dir / f"{role}.onnx"
             info = export_onnx(model.eval(), path, input_size=d.input_size, opset=cfg.export.opset, metadata=meta,
                                parity_inputs=parity_inputs, threads=cfg.threads)

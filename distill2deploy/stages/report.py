@@ -31,6 +31,7 @@ def write_report(run_dir: Path, manifests: dict[str, dict[str, Any]], cfg_hash: 
     outputs = {"json": run_dir / "report.json", "markdown": run_dir / "report.md",
                "accuracy_latency": run_dir / "accuracy_latency.png"}
     if metrics:
-        plot_training_curves(metrics, run_dir / "training_curves.png", f"{name}: distill")
+        teacher_top1 = manifests["teacher"]["summary"].get("test", {}).get("top1")
+        plot_training_curves(metrics, run_dir / "training_curves.png", f"{name}: distill", teacher_top1)
         outputs["training_curves"] = run_dir / "training_curves.png"
     return StageResult(outputs=outputs, summary={})

@@ -7,7 +7,8 @@ from typing import Any
 from .. import _io
 from .._schema import to_dict
 from ..data import preprocess
-from ..deploy.validate import validate_models
+from ..deploy.baseline import accuracy_entry, data_sha256, measure_model, write_baseline
+from ..deploy.validate import model_key, validate_models
 from ._base import RunContext, Stage, StageResult
 
 
@@ -35,7 +36,27 @@ class ValidateStage(Stage):
         images = preprocess(test.images, mean=d.mean, std=d.std, input_size=d.input_size)
         result = validate_models(paths, images, test.labels, batch_sizes=v.batch_sizes, warmup=v.warmup,
                                  runs=v.runs, threads=self.threads(ctx), class_names=data.class_names,
-                                 named=data.named)
+                                 named=data.named, keep_correct=True)
+        correct = result.pop("correct")
         out = stage_dir / "validate.json"
         _io.write_json(out, result)
-        return StageResult(outputs={"results": out}, summary={"models": sorted(result["models"])})
+        outputs = {"results": out}
+        if v.baseline_rounds:
+            outputs["baseline"] = self._baseline(ctx, paths, images, correct, test)
+        return StageResult(outputs=outputs, summary={"models": sorted(result["models"])})
+
+    def _baseline(self, ctx: RunContext, paths: list[Path], images: Any, correct: dict[str, Any], test: Any) -> Path:
+        """<run>/baseline.json, keyed by role (teacher, student, student.int8), for ``distill2deploy check``."""
+        v = ctx.cfg.validate
+        data_hash = data_sha256(test.images, test.labels)
+        entries = {}
+        for path in paths:
+            role = model_key(path)
+            print(f"[validate] baseline for {role}: {v.baseline_rounds} rounds against the reference workload")
+            entry = measure_model(path, input_size=ctx.cfg.data.input_size, batch_sizes=v.batch_sizes,
+                                  rounds=v.baseline_rounds, threads=1)
+            entry["accuracy"] = accuracy_entry(correct[role], data_hash)
+            entries[role] = entry
+        out = ctx.run_dir / "baseline.json"
+        write_baseline(out, entries)
+        return out
