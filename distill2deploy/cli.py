@@ -286,8 +286,6 @@ def main(argv: list[str] | None = None) -> int:
             return _run_config(args, "report")
         if args.command in ("teacher", "distill", "report"):
             return _run_config(args, args.command)
-        if hasattr(args, "handler"):  # commands defined in distill2deploy/commands/
-            return args.handler(args)
         return {"export": _cmd_export, "quantize": _cmd_quantize, "validate": _cmd_validate}[args.command](args)
     except UserError as e:
         if args.debug:
