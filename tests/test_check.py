@@ -59,8 +59,9 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     good = tiny_model(d / "model.onnx")
     images = np.random.default_rng(1).integers(0, 256, (N, SIZE, SIZE, 3), dtype=np.uint8)
     labels = predict_onnx(good, preprocess(images, mean=MEAN, std=STD, input_size=SIZE)).argmax(1)
-    np.savez(d / "test.npz", x_test=images, y_test=labels)
-    np.savez(d / "other.npz", x_test=images[::-1].copy(), y_test=labels[::-1].copy())
+    names = np.array([f"c{i}" for i in range(CLASSES)])  # the model's classes (its predictions may skip some)
+    np.savez(d / "test.npz", x_test=images, y_test=labels, fine_label_names=names)
+    np.savez(d / "other.npz", x_test=images[::-1].copy(), y_test=labels[::-1].copy(), fine_label_names=names)
     for name, kw in {"slow": {"depth": 10}, "wrong": {"shuffle_fc": True}, "small": {"size": 8}}.items():
         (d / name).mkdir()
         tiny_model(d / name / "model.onnx", **kw)
