@@ -52,6 +52,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # Classic DML: a from-scratch copy of the student as the peer (does not use the teacher).
     "dml_classic": ("dml", {"peers": []}),
     "fitnet": ("fitnet", {}),
+    "at": ("at", {}),
+    "fsp": ("fsp", {}),  # two-stage: its initialisation epochs scale with the schedule like warm-ups
     "reviewkd": ("reviewkd", {}),
     "multi_teacher": ("multi_teacher", {}),  # extra_teachers: the second teacher (set below)
     "kd_ec": ("kd_ec", {}),
@@ -59,7 +61,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "eckd_r_oneway": ("eckd_r", {"bidirectional": False}),
     "eckd_f": ("eckd_f", {"bidirectional": True}),
 }
-DEFAULT_METHODS = ["ce", "kd", "dkd", "dml", "fitnet", "reviewkd", "multi_teacher", "kd_ec", "eckd_r",
+DEFAULT_METHODS = ["ce", "kd", "dkd", "dml", "fitnet", "at", "fsp", "reviewkd", "multi_teacher", "kd_ec", "eckd_r",
                    "eckd_r_oneway", "eckd_f"]
 DEFAULT_MULTI_SEED = ["ce", "kd", "eckd_r"]
 
@@ -201,8 +203,9 @@ def student_config(args: argparse.Namespace, data_dir: Path, variant: str, seed:
     options = copy.deepcopy(shipped["distill"].get("options") or {})
     options.update(changes)
     # Warm-ups keep the shipped configs' fraction of the schedule (e.g. 20 of 240 epochs).
-    if "warmup_epochs" in options:
-        options["warmup_epochs"] = round(options["warmup_epochs"] * args.epochs / shipped["distill"]["epochs"], 3)
+    for key in ("warmup_epochs", "init_epochs"):  # schedules in epochs shrink with the preset's epochs
+        if key in options:
+            options[key] = round(options[key] * args.epochs / shipped["distill"]["epochs"], 3)
     if method == "multi_teacher":
         options["extra_teachers"] = [{"model": args.teacher_model, "checkpoint": str(second_teacher_pt),
                                       "pretrained": False}]

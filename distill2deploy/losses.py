@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from .errors import UserError, suggest
 
 __all__ = [
-    "ErrorMasks", "MULTI_TEACHER_WEIGHTINGS", "correctness", "dkd_loss", "dkd_terms", "dkd_warmup",
-    "dml_loss", "ec_loss", "error_masks", "feature_loss_per_sample", "fitnet_loss", "hcl_loss",
+    "ErrorMasks", "MULTI_TEACHER_WEIGHTINGS", "at_loss", "attention_map", "correctness", "dkd_loss", "dkd_terms",
+    "dkd_warmup", "dml_loss", "ec_loss", "error_masks", "feature_loss_per_sample", "fitnet_loss", "fsp_loss",
+    "fsp_matrix", "hcl_loss",
     "kd_loss", "kl_div_tempered", "mask_fractions", "masked_feature_loss", "multi_teacher_targets",
     "multi_teacher_weights", "soft_target_kd",
 ]
@@ -325,7 +326,7 @@ def soft_target_kd(student_logits: torch.Tensor, target_probs: torch.Tensor,
 
 
 # --------------------------------------------------------------------------------------------
-# 4. Feature losses (FitNet, ReviewKD) and ECKD-F
+# 4. Feature losses (FitNet, AT, FSP, ReviewKD) and ECKD-F
 
 
 def _check_feature_pair(a: torch.Tensor, b: torch.Tensor, where: str) -> None:
@@ -387,4 +388,77 @@ def hcl_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torc
             loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(fs, level), F.adaptive_avg_pool2d(ft, level))
             weight_sum += weight
         total = loss / weight_sum if total is None else total + loss / weight_sum
+    return total
+
+
+def _pool_to_smaller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average-pool the spatially larger of two ``[B, C, H, W]`` maps to the other's size (AT/FSP code)."""
+    if a.dim() != 4 or b.dim() != 4:
+        raise ValueError(f"expected [B, C, H, W] maps, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[-2:] == b.shape[-2:]:
+        return a, b
+    size = (min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1]))
+    return F.adaptive_avg_pool2d(a, size), F.adaptive_avg_pool2d(b, size)
+
+
+def attention_map(feat: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Spatial attention of Attention Transfer: ``normalize(mean_c |f|^p)`` per sample, ``[B, H*W]``.
+
+    The channel mean of ``f.pow(p)`` (as the AT, CRD and mdistiller code write it: for even ``p`` it
+    equals ``|f|^p``), flattened and L2-normalised, so maps of networks of different widths compare.
+    """
+    if feat.dim() != 4:
+        raise ValueError(f"attention_map: expected a [B, C, H, W] map, got {tuple(feat.shape)}")
+    return F.normalize(feat.pow(p).mean(1).flatten(1), dim=1)
+
+
+def at_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor],
+            p: float = 2.0) -> torch.Tensor:
+    """Attention Transfer (Zagoruyko & Komodakis, ICLR 2017), summed over (student, teacher) pairs.
+
+    Per pair: the larger map is average-pooled to the smaller's resolution, then the mean over batch
+    and positions of the squared difference of the two attention maps (the CRD/mdistiller form;
+    the 1000x weight of their CIFAR-100 benchmark is the caller's). Teacher maps are detached.
+    """
+    if len(student_feats) != len(teacher_feats) or len(student_feats) == 0:
+        raise ValueError(f"at_loss: expected equally many student and teacher features (>= 1), got "
+                         f"{len(student_feats)} and {len(teacher_feats)}")
+    total = None
+    for i, (fs, ft) in enumerate(zip(student_feats, teacher_feats)):
+        if fs.shape[0] != ft.shape[0]:
+            raise ValueError(f"at_loss pair {i}: batch sizes differ ({fs.shape[0]} vs {ft.shape[0]})")
+        fs, ft = _pool_to_smaller(fs, ft.detach())
+        loss = (attention_map(fs, p) - attention_map(ft, p)).pow(2).mean()
+        total = loss if total is None else total + loss
+    return total
+
+
+def fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Flow of Solution Procedure (Yim et al., CVPR 2017): ``G[b, i, j] = mean_xy bottom[b,i,x,y] * top[b,j,x,y]``.
+
+    The Gram matrix between the feature entering and the feature leaving a stretch of the network,
+    ``[B, C_bottom, C_top]``; the larger map is average-pooled to the smaller's resolution first.
+    """
+    bottom, top = _pool_to_smaller(bottom, top)
+    return torch.einsum("bihw,bjhw->bij", bottom, top) / (bottom.shape[-2] * bottom.shape[-1])
+
+
+def fsp_loss(student_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+             teacher_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """FSP distillation: per (bottom, top) pair the mean squared difference of the FSP matrices, summed.
+
+    Student and teacher matrices must have the same ``[C_bottom, C_top]`` shape (adapt the
+    student's channels first when the architectures differ). Teacher matrices are detached.
+    """
+    if len(student_pairs) != len(teacher_pairs) or len(student_pairs) == 0:
+        raise ValueError(f"fsp_loss: expected equally many student and teacher pairs (>= 1), got "
+                         f"{len(student_pairs)} and {len(teacher_pairs)}")
+    total = None
+    for i, ((sb, st), (tb, tt)) in enumerate(zip(student_pairs, teacher_pairs)):
+        gs, gt = fsp_matrix(sb, st), fsp_matrix(tb.detach(), tt.detach())
+        if gs.shape != gt.shape:
+            raise ValueError(f"fsp_loss pair {i}: FSP matrices {tuple(gs.shape)} and {tuple(gt.shape)} differ "
+                             f"(adapt the student's channels to the teacher's first)")
+        loss = (gs - gt).pow(2).mean()
+        total = loss if total is None else total + loss
     return total

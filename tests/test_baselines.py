@@ -382,8 +382,81 @@ def test_multi_teacher_validation(extra_ckpt, tmp_path):
     assert e.value.where.startswith("distill.options.extra_teachers[0]")
 
 
+# ---------------------------------------------------------------------------------------- AT, FSP
+def test_at_loss_grads_logs_and_no_extra_modules():
+    method, teacher, student = make("at", {"kd_weight": 0.5})
+    assert method.pairs == [(1, 3), (2, 5), (3, 7)] and method.teacher_feature_indices() == [1, 2, 3]
+    assert method.options.feature_weight == 1000.0 and method.options.p == 2.0
+    # attention maps need no adapter: the method trains the student's parameters and nothing else
+    assert {id(p) for p in method.parameters()} == {id(p) for p in student.parameters()}
+    out = step(method)
+    assert_logs(out, {"ce", "at", "kd"} | MASK_KEYS)
+    assert torch.allclose(out.loss, out.logs["ce"] + 1000 * out.logs["at"] + 0.5 * out.logs["kd"], rtol=1e-5)
+    assert_trained(student, "student")
+    assert_no_grad(teacher, "frozen teacher")
+
+
+def test_at_matches_the_loss_on_the_paired_stages():
+    method, teacher, student = make("at", {"levels": [[3, 7]]}, teacher="resnet56_cifar")
+    images, labels = batch(4)
+    method.eval()
+    with torch.no_grad():
+        out = method(images, labels, teacher_outputs(method, images), 1.0)
+        f_s = extract(student, images, [7])[1]
+        f_t = extract(teacher.eval(), images, [3])[1]
+    assert (f_s[0].shape[-2:], f_t[0].shape[-2:]) == ((2, 2), (8, 8))  # the teacher map is pooled to 2x2
+    assert torch.allclose(out.logs["at"], losses.at_loss(f_s, f_t), rtol=1e-6)
+    for bad, key in (({"levels": []}, "levels"), ({"p": 0.0}, "p"), ({"feature_weight": -1.0}, "feature_weight")):
+        with pytest.raises(UserError) as e:
+            make("at", bad)
+        assert e.value.where == f"distill.options.{key}"
+
+
+@pytest.mark.parametrize("teacher, student, adapted", [
+    ("resnet56_cifar", "resnet20_cifar", [False] * 4),              # the CRD code's case: equal widths
+    ("resnet56_cifar", "mobilenetv2_x0_5_cifar", [False, False, True, True]),  # stem and stage 3: 16 wide
+    ("resnet56_cifar", "shufflenetv2_cifar", [True, True, True, True])])
+def test_fsp_points_and_adapters(teacher, student, adapted):
+    method, t, s = make("fsp", teacher=teacher, student=student)
+    assert method.points[0] == (0, 0) and len(method.points) == 4   # stem + the three deepest pairs
+    assert [not isinstance(a, nn.Identity) for a in method.adapters] == adapted
+    out = step(method, progress=0.5)  # inside the 30 initialisation epochs
+    assert_logs(out, {"ce", "fsp"} | MASK_KEYS)
+    assert torch.allclose(out.loss, out.logs["fsp"], rtol=1e-6)  # FSP alone
+    assert_trained(s, "student")  # the classifier has a (zero) gradient too: DDP needs no unused-parameter search
+    assert_no_grad(t, "frozen teacher")
+
+
+def test_fsp_schedule_two_stage_then_joint():
+    method, teacher, student = make("fsp", {"init_epochs": 2, "feature_weight": 3.0, "kd_weight": 0.5})
+    images, labels = batch(4)
+    method.eval()
+    with torch.no_grad():
+        before = method(images, labels, teacher_outputs(method, images), 1.99)
+        after = method(images, labels, teacher_outputs(method, images), 2.0)
+    assert set(before.logs) == set(after.logs)  # same keys in both phases (epoch averages stay exact)
+    assert torch.allclose(before.loss, before.logs["fsp"], rtol=1e-6)
+    expected = after.logs["ce"] + 3.0 * after.logs["fsp"] + 0.5 * after.logs["kd"]
+    assert torch.allclose(after.loss, expected, rtol=1e-6)
+    # the FSP term itself: matrices of the adapted student against the teacher's, stem -> ... -> stage 3
+    t_feats = extract(teacher.eval(), images, [0, 1, 2, 3])[1]
+    with torch.no_grad():
+        s_feats = [a(f) for a, f in zip(method.adapters, extract(student, images, [0, 3, 5, 7])[1])]
+        ref = losses.fsp_loss(list(zip(s_feats, s_feats[1:])), list(zip(t_feats, t_feats[1:])))
+    assert torch.allclose(after.logs["fsp"], ref, rtol=1e-5)
+
+
+def test_fsp_options_are_checked():
+    for bad, key in (({"levels": [[0, 0]]}, "levels"), ({"init_epochs": 0, "feature_weight": 0}, "feature_weight"),
+                     ({"init_weight": 0}, "init_weight"), ({"levels": [[0, 0], [0, 3]]}, "levels"),
+                     ({"levels": [[0, 0], [9, 3]]}, "levels[1]")):
+        with pytest.raises(UserError) as e:
+            make("fsp", bad)
+        assert e.value.where == f"distill.options.{key}", (bad, e.value.where)
+
+
 # ------------------------------------------------------------------------------------------ configs
-METHODS = ["ce", "kd", "dkd", "dml", "fitnet", "reviewkd", "multi_teacher"]
+METHODS = ["ce", "kd", "dkd", "dml", "fitnet", "at", "fsp", "reviewkd", "multi_teacher"]
 
 
 @pytest.mark.parametrize("student", ["mobilenet", "shufflenet"])
@@ -392,8 +465,11 @@ def test_bundled_method_configs(student):
         cfg, path = load_config(f"methods/{student}_{method}.yaml")
         assert cfg.name == path.stem == f"{student}_{method}"
         assert cfg.distill.method == method
-        assert (cfg.distill.epochs, cfg.distill.lr, cfg.distill.batch_size) == (240, 0.01, 64)
-        assert cfg.distill.milestones == [150, 180, 210]
+        # FSP's 30 initialisation epochs come before the standard 240 (as in the CRD benchmark code)
+        init = 30 if method == "fsp" else 0
+        assert (cfg.distill.epochs, cfg.distill.lr, cfg.distill.batch_size) == (240 + init, 0.01, 64)
+        assert cfg.distill.milestones == [150 + init, 180 + init, 210 + init]
+        assert init == cfg.distill.options.get("init_epochs", 0)
         assert cfg.teacher.model == "resnet56_cifar" and cfg.teacher.pretrained
         assert cfg.student.model == {"mobilenet": "mobilenetv2_x0_5_cifar", "shufflenet": "shufflenetv2_cifar"}[student]
 
@@ -403,6 +479,8 @@ PIPELINE_CASES = {
     "dkd": ({}, {"ce", "tckd", "nckd", "dkd"} | MASK_KEYS, []),
     "dml": ({"peers": ["teacher"]}, {"ce", "dml", "teacher_ce", "teacher_dml"} | MASK_KEYS, ["teacher"]),
     "fitnet": ({}, {"ce", "fitnet"} | MASK_KEYS, []),
+    "at": ({}, {"ce", "at"} | MASK_KEYS, []),
+    "fsp": ({"init_epochs": 0.5}, {"ce", "fsp"} | MASK_KEYS, []),  # both phases within the one epoch
     "reviewkd": ({"max_mid_channels": 64}, {"ce", "hcl"} | MASK_KEYS, []),  # narrower ABFs: CPU time
     "multi_teacher": ({"extra_teachers": [{"model": "resnet32_cifar",
                                            "checkpoint": str(WEIGHTS / "cifar100_resnet32.pth")}],

@@ -123,11 +123,12 @@ def test_bidirectional_ec_gradients_follow_the_masks():
         for g in (g_t_from_ec[level], g_s_from_ect[level]):      # sources are detached
             assert g is None or not g.any()
 
-    # Optimizers: the teacher (and its heads) at teacher_lr, the student side at the base lr.
+    # Optimizers: the teacher network at teacher_lr; the student side and the teacher's new heads at the base lr.
     method.options.teacher_lr = 0.002
     specs = method.optimizers(0.1)
-    assert specs["teacher"].lr == 0.002 and specs["student"].lr == 0.1
-    assert {id(p) for p in teacher.parameters()} <= {id(p) for p in specs["teacher"].params}
+    assert specs["teacher"].lr == 0.002 and specs["student"].lr == 0.1 and specs["teacher_heads"].lr == 0.1
+    assert {id(p) for p in teacher.parameters()} == {id(p) for p in specs["teacher"].params}
+    assert {id(p) for p in method.teacher_heads.parameters()} == {id(p) for p in specs["teacher_heads"].params}
 
 
 def test_bidirectional_trains_a_teacher_handed_over_frozen():
@@ -182,6 +183,48 @@ def test_switches_change_behaviour():
     f_all, _ = _build("eckd_f", {"use_ec": False})
     out = f_all(x, y, [], 0.0)
     assert out.logs["feat"] > 0 and out.logs["feat_teacher"] > 0  # every sample, not only masked ones
+
+
+@pytest.mark.parametrize("name", ["eckd_r", "eckd_f"])
+def test_teacher_probe_epochs_keep_aux_gradients_out_of_the_teacher_backbone(name):
+    """While probing, the freshly initialised heads (and ECKD-F adapters) learn from the teacher's
+    features, but none of their gradient reaches the pretrained backbone; afterwards it does."""
+    x, y = _batch()
+    for progress, reaches_backbone in ((0.5, False), (1.0, True)):
+        method, teacher = _build(name, {"teacher_probe_epochs": 1.0, "kd_weight": 0.0})
+        method.train()
+        lv = method.step(x, y, [], progress)
+        terms = method.loss_terms(lv)
+        side = terms["teacher_aux_ce"] + (terms.get("feat_teacher", 0) if name == "eckd_f" else 0)
+        side.backward()
+        backbone = [p.grad for n, p in teacher.named_parameters() if not n.startswith(("fc.", "head"))]
+        assert any(g is not None and g.any() for g in backbone) == reaches_backbone, progress
+        assert all(p.grad is not None for p in method.teacher_heads.parameters())
+
+
+def test_level_reduction_and_teacher_lr_scale():
+    x, y = _batch()
+    terms = {}
+    for reduction in ("sum", "mean"):
+        torch.manual_seed(0)
+        method, _ = _build("eckd_r", {"level_reduction": reduction}, *_nets())
+        method.eval()
+        with torch.no_grad():
+            terms[reduction] = method.loss_terms(method.step(x, y, []))
+    levels = len(method.level_pairs)  # 3 auxiliary levels, plus the final logits for EC
+    assert torch.allclose(terms["mean"]["aux_ce"], terms["sum"]["aux_ce"] / levels)
+    assert torch.allclose(terms["mean"]["teacher_aux_ce"], terms["sum"]["teacher_aux_ce"] / levels)
+    assert torch.allclose(terms["mean"]["ec"], terms["sum"]["ec"] / (levels + 1))
+    assert torch.allclose(terms["mean"]["ce"], terms["sum"]["ce"])
+    scaled, _ = _build("eckd_r", {})  # default: the trained teacher at a tenth of the lr, its heads at the lr
+    assert scaled.optimizers(0.05)["teacher"].lr == pytest.approx(0.005)
+    assert scaled.optimizers(0.05)["student"].lr == scaled.optimizers(0.05)["teacher_heads"].lr == 0.05
+    thesis, _ = _build("eckd_r", {"teacher_lr_scale": 1.0})
+    assert thesis.optimizers(0.05)["teacher"].lr == 0.05
+    explicit, _ = _build("eckd_r", {"teacher_lr_scale": 0.1, "teacher_lr": 0.002})
+    assert explicit.optimizers(0.05)["teacher"].lr == 0.002
+    with pytest.raises(UserError, match="teacher_lr_scale"):
+        get_method("eckd_r").parse_options({"teacher_lr_scale": 0})
 
 
 def test_rotated_view_is_a_quarter_turn_of_each_image():

@@ -356,6 +356,62 @@ def test_masked_feature_loss():
     assert empty.item() == 0.0
 
 
+# ---------------------------------------------------------------------------- AT and FSP
+
+
+def test_attention_map_hand_computed():
+    # one sample, 2 channels, 1x2 positions: channel means of f^2 are [(1+9)/2, (4+16)/2] = [5, 10],
+    # normalised by sqrt(125)
+    f = t([[[[1.0, 2.0]], [[3.0, 4.0]]]])
+    expected = np.array([5.0, 10.0]) / math.sqrt(125.0)
+    assert L.attention_map(f).numpy()[0] == pytest.approx(expected, rel=1e-12)
+    # p = 1 uses the signed channel mean: [(1+3)/2, (2+4)/2] = [2, 3] / sqrt(13)
+    assert L.attention_map(f, p=1).numpy()[0] == pytest.approx(np.array([2.0, 3.0]) / math.sqrt(13.0), rel=1e-12)
+
+
+def test_at_loss_hand_computed_pools_and_sums_pairs():
+    s = t([[[[1.0, 2.0]], [[3.0, 4.0]]]]).requires_grad_()       # map [5, 10] / sqrt(125)
+    te = t([[[[1.0, 0.0]]]]).requires_grad_()                      # map [1, 0]
+    a = np.array([5.0, 10.0]) / math.sqrt(125.0)
+    one = ((a - np.array([1.0, 0.0])) ** 2).mean()
+    loss = L.at_loss([s, s], [te, te])
+    assert loss.item() == pytest.approx(2 * one, rel=1e-12)       # summed over pairs, mean over positions
+    loss.backward()
+    assert te.grad is None and s.grad is not None
+    # a 2x2 student map against a 1x1 teacher map: both maps are one position, normalised to 1 -> 0
+    big = torch.randn(2, 3, 2, 2, dtype=torch.float64).abs()
+    assert L.at_loss([big], [torch.randn(2, 5, 1, 1, dtype=torch.float64)]).item() == pytest.approx(0.0, abs=1e-12)
+    # pooling goes to the smaller map: student 4x4 -> 2x2 block means, compared with the teacher's 2x2
+    rng = np.random.default_rng(0)
+    fs, ft = rng.normal(size=(2, 3, 4, 4)), rng.normal(size=(2, 6, 2, 2))
+    pooled = np_pool(fs, 2)
+    ms = (pooled ** 2).mean(1).reshape(2, -1)
+    mt = (ft ** 2).mean(1).reshape(2, -1)
+    ms, mt = ms / np.linalg.norm(ms, axis=1, keepdims=True), mt / np.linalg.norm(mt, axis=1, keepdims=True)
+    assert L.at_loss([t(fs)], [t(ft)]).item() == pytest.approx(((ms - mt) ** 2).mean(), rel=1e-10)
+    with pytest.raises(ValueError, match="equally many"):
+        L.at_loss([s], [])
+
+
+def test_fsp_matrix_and_loss_hand_computed():
+    bottom = t([[[[1.0, 2.0]]]])                                    # [1, 1, 1, 2]
+    top = t([[[[3.0, 4.0]], [[5.0, 6.0]]]])                         # [1, 2, 1, 2]
+    # G[0, j] = mean over the two positions of bottom * top_j: (3 + 8) / 2, (5 + 12) / 2
+    assert L.fsp_matrix(bottom, top).tolist() == [[[5.5, 8.5]]]
+    sb, st = bottom.clone().requires_grad_(), top.clone().requires_grad_()
+    tb, tt = torch.zeros_like(bottom).requires_grad_(), top.clone().requires_grad_()
+    loss = L.fsp_loss([(sb, st)], [(tb, tt)])
+    assert loss.item() == pytest.approx((5.5 ** 2 + 8.5 ** 2) / 2)  # teacher matrix is zero
+    loss.backward()
+    assert tb.grad is None and tt.grad is None and sb.grad is not None and st.grad is not None
+    # the larger map is pooled to the smaller one: 2x2 bottom -> its mean (2.5) against a 1x1 top (2)
+    b2, t1 = t([[[[1.0, 2.0], [3.0, 4.0]]]]), t([[[[2.0]]]])
+    assert L.fsp_matrix(b2, t1).item() == pytest.approx(5.0)
+    assert L.fsp_loss([(b2, t1), (b2, t1)], [(t1, t1), (t1, t1)]).item() == pytest.approx(2 * (5.0 - 4.0) ** 2)
+    with pytest.raises(ValueError, match="adapt"):
+        L.fsp_loss([(bottom, top)], [(bottom, bottom)])
+
+
 # ---------------------------------------------------------------------------- ReviewKD HCL
 
 

@@ -9,7 +9,7 @@ from ._base import DistillMethod, OptimizerSpec, StepOutput, TeacherOutput
 from ._registry import get_method, list_methods, register_method
 
 # Importing the method modules registers them.
-from . import ce, kd, eckd_f, eckd_r, kd_ec, dkd, dml, fitnet, reviewkd, multi_teacher  # noqa: E402,F401
+from . import ce, kd, eckd_f, eckd_r, kd_ec, dkd, dml, fitnet, at, fsp, reviewkd, multi_teacher  # noqa: E402,F401
 
 __all__ = ["DistillMethod", "OptimizerSpec", "StepOutput", "TeacherOutput", "get_method", "list_methods",
            "register_method"]

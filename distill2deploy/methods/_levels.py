@@ -34,6 +34,17 @@ def teacher_diagnostics(teacher_logits: Tensor, student_logits: Tensor, labels: 
     return mask_logs(losses.error_masks(teacher_logits, student_logits, labels))
 
 
+def optional_kd(loss: Tensor, logs: dict[str, Tensor], logits: Tensor, teacher_logits: Tensor, weight: float,
+                temperature: float) -> Tensor:
+    """``loss + weight * KD`` (logged as ``kd``) when ``weight > 0``: the optional Hinton term that the
+    feature methods (FitNet, AT, FSP, ReviewKD) offer on top of their feature loss."""
+    if weight <= 0:
+        return loss
+    kd = losses.kd_loss(logits, teacher_logits, temperature)
+    logs["kd"] = kd.detach()
+    return loss + weight * kd
+
+
 # The ECKD thesis's student stages of the CIFAR MobileNetV2s (teacher stages are 1..n). See
 # docs/methods.md. Keyed by exact name: timm's ImageNet mobilenetv2_* have other stages.
 _THESIS_STAGES = {"mobilenetv2_x0_5_cifar": [2, 3, 5, 7], "mobilenetv2_x1_0_cifar": [2, 3, 5, 7]}

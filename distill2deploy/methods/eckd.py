@@ -41,14 +41,26 @@ class ECKDBaseOptions:
     aux_ce_weight: float = doc(1.0, "weight of the label cross-entropy of every auxiliary head")
     bidirectional: bool = doc(True, "train the teacher too (own optimizer at teacher_lr) so the student can "
                               "correct it; false: frozen teacher, corrections teacher -> student only")
-    teacher_lr: float | None = doc(None, "initial lr of the teacher and its heads in bidirectional mode "
-                                   "(same schedule as the student); null: distill.lr")
+    teacher_lr: float | None = doc(None, "initial lr of the teacher network in bidirectional mode (same schedule "
+                                   "as the student; its freshly initialised heads and adapters train at distill.lr); "
+                                   "null: distill.lr x teacher_lr_scale")
+    teacher_lr_scale: float = doc(0.1, "with teacher_lr null: the teacher network's lr as a fraction of distill.lr "
+                                  "(the teacher stage's network is trained already; 1.0: the thesis's single lr, "
+                                  "or a teacher that starts from scratch)")
     levels: list[list[int]] | None = doc(None, "[[teacher_stage, student_stage], ...] paired for auxiliary heads "
                                          "(timm feature_info indices, 0 = stem); null: the thesis pairing of the "
                                          "deepest stages")
     augment: Literal["none", "rotate", "flip"] = doc(
         "none", "extra view of every batch through both networks with the same losses: 'rotate' turns each image "
         "by a random 90/180/270 degrees, 'flip' mirrors it; 'none' disables the view")
+    teacher_probe_epochs: float = doc(
+        0.0, "bidirectional mode: leading epochs in which the teacher's auxiliary heads (and ECKD-F's teacher "
+        "adapters) train as probes on its detached features, so the large label CE and EC gradients of these "
+        "freshly initialised modules reach them but not the pretrained teacher's backbone; 0: from the first "
+        "step (the thesis)")
+    level_reduction: Literal["sum", "mean"] = doc(
+        "sum", "how the per-level auxiliary CE and error-correction terms combine: 'sum' (the thesis's formula) or "
+        "'mean' (each term divided by its number of levels, so adding levels does not scale the loss)")
 
 
 def augmented_view(images: Tensor, kind: str) -> Tensor | None:
@@ -115,7 +127,7 @@ class ECKDBase(DistillMethod):
             self._frozen_teachers = []
 
     # --- configuration ----------------------------------------------------------------------
-    positive_options = ("temperature", "teacher_lr")
+    positive_options = ("temperature", "teacher_lr", "teacher_lr_scale")
 
     def _wants_levels(self) -> bool:
         return True
@@ -148,17 +160,20 @@ class ECKDBase(DistillMethod):
         return None if self.bidirectional or not self.level_pairs else self.teacher_indices
 
     def optimizers(self, lr: float) -> dict[str, OptimizerSpec]:
-        """Student side at ``lr``; in bidirectional mode the teacher side at ``teacher_lr``.
+        """Student side at ``lr``; in bidirectional mode the teacher network at ``teacher_lr``.
 
-        In one-way mode the teacher's heads are probes on detached features: they sit in the student's
-        optimizer because nothing else of the teacher trains.
+        The teacher's heads and adapters are new modules like the student's, so they train at ``lr``
+        (their own optimizer) while the already trained teacher moves at its smaller rate. In one-way
+        mode the teacher's heads are probes on detached features: they sit in the student's optimizer
+        because nothing else of the teacher trains.
         """
         student = [self.student, self.student_heads, *self._student_side()]
         specs = {}
         if self.bidirectional:
-            teacher = [self.teacher, self.teacher_heads, *self._teacher_side()]
             specs["student"] = OptimizerSpec(_params(student), lr)
-            specs["teacher"] = OptimizerSpec(_params(teacher), self.options.teacher_lr or lr)
+            teacher_lr = self.options.teacher_lr or lr * self.options.teacher_lr_scale
+            specs["teacher"] = OptimizerSpec(_params([self.teacher]), teacher_lr)
+            specs["teacher_heads"] = OptimizerSpec(_params([self.teacher_heads, *self._teacher_side()]), lr)
         else:
             specs["student"] = OptimizerSpec(_params(student + [self.teacher_heads]), lr)
         listed = [id(p) for s in specs.values() for p in s.params]
@@ -172,13 +187,20 @@ class ECKDBase(DistillMethod):
         return {"teacher": self.teacher} if self.bidirectional else {}
 
     # --- one step ------------------------------------------------------------------------------
-    def step(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput]) -> LevelOutputs:
-        """Run the views through both networks and heads; masks per level (no gradient)."""
+    def step(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
+             progress: float = float("inf")) -> LevelOutputs:
+        """Run the views through both networks and heads; masks per level (no gradient).
+
+        While ``progress`` (the fractional epoch) is below ``teacher_probe_epochs``, the co-trained
+        teacher's features are detached before its heads (and ECKD-F's adapters) see them.
+        """
         batch = images.shape[0]
         view = augmented_view(images, self.options.augment)
         x, y = (images, labels) if view is None else (torch.cat([images, view]), labels.repeat(2))
         s_logits, s_feats = extract(self.student, x, self.student_indices)
         t_logits, t_feats = self._teacher_forward(x, batch, teacher_outputs)
+        if self.bidirectional and progress < self.options.teacher_probe_epochs:
+            t_feats = [f.detach() for f in t_feats]
         s_levels = [h(f) for h, f in zip(self.student_heads, s_feats)] + [s_logits]
         t_levels = [h(f) for h, f in zip(self.teacher_heads, t_feats)] + [t_logits]
         with torch.no_grad():
@@ -208,14 +230,19 @@ class ECKDBase(DistillMethod):
         y = lv.labels
         terms = {"ce": F.cross_entropy(lv.student_logits[-1], y)}
         if self.level_pairs:
-            terms["aux_ce"] = sum(F.cross_entropy(z, y) for z in lv.student_logits[:-1])
+            terms["aux_ce"] = self.combine_levels([F.cross_entropy(z, y) for z in lv.student_logits[:-1]])
         if self.options.kd_weight > 0:
             terms["kd"] = losses.kd_loss(lv.student_logits[-1], lv.teacher_logits[-1], self.options.temperature)
         if self.bidirectional:
             terms["teacher_ce"] = F.cross_entropy(lv.teacher_logits[-1], y)
         if self.level_pairs:
-            terms["teacher_aux_ce"] = sum(F.cross_entropy(z, y) for z in lv.teacher_logits[:-1])
+            terms["teacher_aux_ce"] = self.combine_levels([F.cross_entropy(z, y) for z in lv.teacher_logits[:-1]])
         return terms
+
+    def combine_levels(self, per_level: list[Tensor]) -> Tensor:
+        """One term from its per-level values: their sum, or their mean (``level_reduction``)."""
+        total = sum(per_level)
+        return total / len(per_level) if self.options.level_reduction == "mean" else total
 
     def loss_terms(self, lv: LevelOutputs) -> dict[str, Tensor]:
         """Every loss term, unweighted and with its graph (tests take gradients of single terms)."""
@@ -237,7 +264,7 @@ class ECKDBase(DistillMethod):
 
     def forward(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
                 progress: float) -> StepOutput:
-        lv = self.step(images, labels, teacher_outputs)
+        lv = self.step(images, labels, teacher_outputs, progress)
         terms = self.loss_terms(lv)
         weights = self.loss_weights()
         # Student and teacher losses summed: their cross terms are detached, so one backward gives

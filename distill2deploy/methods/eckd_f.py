@@ -71,9 +71,9 @@ class ECKDF(ECKDBase):
             if self.teacher_adapters is not None:
                 f_t_adapted = match_size(self.teacher_adapters[k](f_t), f_s.shape[-2:])
                 feat_t.append(losses.masked_feature_loss(f_s, f_t_adapted, m_t))
-        terms["feat"] = sum(feat)
+        terms["feat"] = self.combine_levels(feat)
         if feat_t:
-            terms["feat_teacher"] = sum(feat_t)
+            terms["feat_teacher"] = self.combine_levels(feat_t)
         return terms
 
     def loss_weights(self) -> dict[str, float]:

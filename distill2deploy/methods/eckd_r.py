@@ -37,9 +37,10 @@ class ECKDR(ECKDBase):
         if self.options.use_ec:
             tau = self.options.temperature
             pairs = list(zip(lv.teacher_logits, lv.student_logits, lv.masks))
-            terms["ec"] = sum(losses.ec_loss(t, s, m.student_correction, tau) for t, s, m in pairs)
+            terms["ec"] = self.combine_levels([losses.ec_loss(t, s, m.student_correction, tau) for t, s, m in pairs])
             if self.bidirectional:
-                terms["ec_teacher"] = sum(losses.ec_loss(s, t, m.teacher_correction, tau) for t, s, m in pairs)
+                terms["ec_teacher"] = self.combine_levels(
+                    [losses.ec_loss(s, t, m.teacher_correction, tau) for t, s, m in pairs])
         return terms
 
     def loss_weights(self) -> dict[str, float]:

@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..models.factory import extract
 from ._base import DistillMethod, StepOutput, TeacherOutput
 from ._levels import (adapter, check_levels, default_levels, feature_shapes, match_size,
-                      teacher_diagnostics)
+                      optional_kd, teacher_diagnostics)
 from ._registry import register_method
 
 
@@ -94,9 +94,6 @@ class FitNet(DistillMethod):
         hint = losses.fitnet_loss(regressed, teacher.features[0].to(regressed.dtype))
         loss = o.ce_weight * ce + o.feature_weight * hint
         logs = {"ce": ce.detach(), "fitnet": hint.detach()}
-        if o.kd_weight > 0:
-            kd = losses.kd_loss(logits, teacher.logits, o.temperature)
-            loss = loss + o.kd_weight * kd
-            logs["kd"] = kd.detach()
+        loss = optional_kd(loss, logs, logits, teacher.logits, o.kd_weight, o.temperature)
         logs.update(teacher_diagnostics(teacher.logits, logits, labels))
         return StepOutput(loss=loss, logits=logits, logs=logs)

@@ -42,7 +42,7 @@ from ..errors import UserError
 from ..models.factory import ResizeInput, extract, stage_count
 from ._base import DistillMethod, StepOutput, TeacherOutput
 from ._levels import (check_levels, default_levels, dry_run, feature_shapes, match_size,
-                      teacher_diagnostics)
+                      optional_kd, teacher_diagnostics)
 from ._registry import register_method
 
 
@@ -190,9 +190,6 @@ class ReviewKD(DistillMethod):
         hcl = losses.hcl_loss(reviewed, targets, levels=o.hcl_levels)
         loss = o.ce_weight * ce + o.feature_weight * losses.dkd_warmup(progress, o.warmup_epochs) * hcl
         logs = {"ce": ce.detach(), "hcl": hcl.detach()}
-        if o.kd_weight > 0:
-            kd = losses.kd_loss(logits, teacher.logits, o.temperature)
-            loss = loss + o.kd_weight * kd
-            logs["kd"] = kd.detach()
+        loss = optional_kd(loss, logs, logits, teacher.logits, o.kd_weight, o.temperature)
         logs.update(teacher_diagnostics(teacher.logits, logits, labels))
         return StepOutput(loss=loss, logits=logits, logs=logs)
