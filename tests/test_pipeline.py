@@ -85,7 +85,7 @@ def test_one_config_hash_int8_verdict_and_baseline(finished_run):
     top1 = {k: report["models"][k]["accuracy"]["top1"] for k in ("student", "student.int8")}
     assert tc["change_pts"] == pytest.approx(100 * (top1["student.int8"] - top1["student"])) and tc["n"] == 128
     assert set(verdict["latency_ratio"]) == {"1", "8"} and 0 < verdict["size_ratio"] < 0.5
-    assert report["machine"]["threads"] is None and report["machine"]["cores"] >= 1
+    assert report["machine"]["threads"] == 1 and report["machine"]["cores"] >= 1  # threads: the run's default
     assert "## Is INT8 worth it?" in (finished_run / "report.md").read_text()
     baseline = json.loads((finished_run / "baseline.json").read_text())
     assert set(baseline["roles"]) == {"teacher", "student", "student.int8"}
