@@ -72,6 +72,14 @@ def default_levels(teacher: nn.Module, student: nn.Module) -> list[tuple[int, in
     return list(zip(t[len(t) - k:], s[len(s) - k:]))
 
 
+def require_levels(levels: list[list[int]] | None, minimum: int = 1, example: str = "[[2, 5]]") -> None:
+    """The ``levels`` option check shared by the level-based methods: null (the default pairing) or at
+    least ``minimum`` pairs, named in a UserError when the config is loaded."""
+    if levels is not None and len(levels) < minimum:
+        raise UserError(f"levels needs at least {minimum} [teacher_stage, student_stage] pair(s), got {levels!r}",
+                        where="distill.options.levels", fix=f"e.g. {example}, or null for the default pairing")
+
+
 def check_levels(levels: list[list[int]], teacher: nn.Module, student: nn.Module) -> list[tuple[int, int]]:
     """Configured ``[[teacher_stage, student_stage], ...]`` as tuples; a stage that either network
     lacks is a UserError naming the pair's key (before anything is built on it)."""

@@ -21,10 +21,9 @@ from torch import Tensor, nn
 
 from .. import losses
 from .._schema import doc
-from ..errors import UserError
 from ..models.factory import extract
 from ._base import DistillMethod, StepOutput, TeacherOutput
-from ._levels import check_levels, default_levels, optional_kd, teacher_diagnostics
+from ._levels import check_levels, default_levels, optional_kd, require_levels, teacher_diagnostics
 from ._registry import register_method
 
 
@@ -49,9 +48,7 @@ class AT(DistillMethod):
 
     @classmethod
     def check_options(cls, options: Any) -> Any:
-        if options.levels is not None and not options.levels:
-            raise UserError("levels is empty", where="distill.options.levels",
-                            fix="give at least one [teacher_stage, student_stage] pair, or null")
+        require_levels(options.levels)
         return options
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], options: ATOptions, *, num_classes: int,

@@ -33,7 +33,8 @@ from .._schema import doc
 from ..errors import UserError
 from ..models.factory import extract
 from ._base import DistillMethod, StepOutput, TeacherOutput
-from ._levels import adapter, check_levels, default_levels, feature_shapes, optional_kd, teacher_diagnostics
+from ._levels import (adapter, check_levels, default_levels, feature_shapes, optional_kd, require_levels,
+                      teacher_diagnostics)
 from ._registry import register_method
 
 
@@ -61,9 +62,7 @@ class FSP(DistillMethod):
     @classmethod
     def check_options(cls, options: Any) -> Any:
         where = "distill.options"
-        if options.levels is not None and len(options.levels) < 2:
-            raise UserError(f"levels needs at least two points (one stretch), got {options.levels!r}",
-                            where=f"{where}.levels", fix="e.g. [[0, 0], [1, 3], [2, 5], [3, 7]], or null")
+        require_levels(options.levels, 2, example="[[0, 0], [1, 3], [2, 5], [3, 7]]")  # two points: one stretch
         if options.init_epochs > 0 and options.init_weight == 0:
             raise UserError("init_epochs > 0 with init_weight 0 trains nothing during the initialisation epochs",
                             where=f"{where}.init_weight", fix="set init_weight: 1.0, or init_epochs: 0")

@@ -41,7 +41,7 @@ from .._schema import doc
 from ..errors import UserError
 from ..models.factory import ResizeInput, extract, stage_count
 from ._base import DistillMethod, StepOutput, TeacherOutput
-from ._levels import (check_levels, default_levels, dry_run, feature_shapes, match_size,
+from ._levels import (check_levels, default_levels, dry_run, feature_shapes, match_size, require_levels,
                       optional_kd, teacher_diagnostics)
 from ._registry import register_method
 
@@ -67,8 +67,7 @@ def _check_options(options: ReviewKDOptions, where: str = "distill.options") -> 
     if not options.hcl_levels or any(level < 1 for level in options.hcl_levels):
         raise UserError(f"hcl_levels must be positive pooling sizes, got {options.hcl_levels!r}",
                         where=f"{where}.hcl_levels", fix="use e.g. [4, 2, 1] (the paper's choice)")
-    if options.levels is not None and not options.levels:
-        raise UserError("levels is empty", where=f"{where}.levels", fix="give at least one pair, or null")
+    require_levels(options.levels, example="[[1, 3], [2, 5], [3, 7]]")
     return options
 
 
