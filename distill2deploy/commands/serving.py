@@ -155,7 +155,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UserError(f"--top-k must be >= 1, got {args.top_k}", where="predict")
     meta = read_metadata(args.model)
     x = preprocess_images([read_image(p) for p in args.images], meta)
-    logits = run_batched(make_session(args.model, threads=args.threads or 1), x, 64)
+    logits = run_batched(make_session(args.model, threads=args.threads or 1), x, 64,
+                         output_name=meta.get("output_name"))
     results = [{"image": str(p), "top_k": t} for p, t in zip(args.images, top_k(logits, meta["class_names"],
                                                                                 args.top_k))]
     if args.json:

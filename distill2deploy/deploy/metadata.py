@@ -81,6 +81,16 @@ def set_props(model: onnx.ModelProto, metadata: Mapping[str, Any]) -> None:
     onnx.helper.set_model_props(model, props)
 
 
+def graph_input(model: onnx.ModelProto, *, where: str | None = None,
+                fix: str = "export a single-input classifier with distill2deploy") -> onnx.ValueInfoProto:
+    """The graph's one real input (initializers listed as inputs by old exporters do not count)."""
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise UserError(f"expected a model with one input, found {[i.name for i in inputs]}", where=where, fix=fix)
+    return inputs[0]
+
+
 def load_model(path: str | os.PathLike[str], *, load_external_data: bool = True) -> onnx.ModelProto:
     """``onnx.load`` with the errors a user can fix turned into :class:`UserError`."""
     p = Path(path)

@@ -42,7 +42,7 @@ from .._io import atomic_path, refuse_overwrite, scratch_dir
 from ..errors import UserError, suggest
 from .evaluate import agreement, make_session, run_batched
 from .export import _has_dynamic_batch
-from .metadata import load_model, set_props
+from .metadata import graph_input, load_model, set_props
 
 _QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 #: ops that only a quantized graph has
@@ -94,12 +94,7 @@ def _choice(value: str, choices: dict[str, Any], what: str) -> Any:
 
 
 def _graph_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
-    inits = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise UserError(f"expected a model with one input, found {[i.name for i in inputs]}",
-                        fix="quantize a classifier exported by distill2deploy")
-    return inputs[0]
+    return graph_input(model, fix="quantize a classifier exported by distill2deploy")
 
 
 def quantize_int8(

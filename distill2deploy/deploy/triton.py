@@ -24,7 +24,7 @@ import onnx
 
 from .. import _io
 from ..errors import UserError
-from .metadata import load_model, read_metadata
+from .metadata import graph_input, load_model, read_metadata
 from .validate import model_names
 
 #: ONNX element type -> Triton ``DataType`` enum name (the types an exported classifier can have).
@@ -61,11 +61,11 @@ def _block(key: str, spec: dict[str, Any], extra: str = "") -> str:
 def triton_config(model: onnx.ModelProto, *, name: str, class_names: Sequence[str], max_batch: int,
                   instances: int, threads: int, max_delay_us: int, where: str = "model") -> str:
     """The ``config.pbtxt`` text (protobuf text format of Triton's ``ModelConfig``)."""
-    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    if len(inputs) != 1 or len(model.graph.output) != 1:
-        raise UserError(f"expected one input and one output, got {len(inputs)} and {len(model.graph.output)}",
-                        where=where, fix="export a single-input classifier with distill2deploy")
-    inp, out = _tensor_spec(inputs[0], where), _tensor_spec(model.graph.output[0], where)
+    graph_in = graph_input(model, where=where)
+    if len(model.graph.output) != 1:
+        raise UserError(f"expected one output, got {len(model.graph.output)}", where=where,
+                        fix="export a single-output classifier with distill2deploy")
+    inp, out = _tensor_spec(graph_in, where), _tensor_spec(model.graph.output[0], where)
     if out["dims"] != [len(class_names)]:
         raise UserError(f"output {out['name']!r} has dims {out['dims']} but the metadata lists "
                         f"{len(class_names)} class names", where=where, fix="re-export the model")

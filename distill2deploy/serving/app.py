@@ -46,12 +46,11 @@ INLINE_DECODE_BYTES = 64 << 10  # smaller uploads are decoded on the event loop 
 
 @dataclass
 class ServedModel:
-    """One loaded model: its session, metadata, graph signature and micro-batcher."""
+    """One loaded model: its metadata, graph signature and micro-batcher (which owns the session's calls)."""
 
     name: str
     path: Path
     meta: dict[str, Any]
-    session: ort.InferenceSession
     input: TensorSpec
     output: TensorSpec
     batcher: MicroBatcher
@@ -84,7 +83,7 @@ def load_models(paths: Sequence[str | os.PathLike[str]], *, names: Sequence[str]
         batcher = MicroBatcher(name, run, max_batch=max_batch, max_delay_s=max_delay_s,
                                on_batch=lambda n, s, name=name: metrics.observe_batch(name, n, s),
                                on_queue=lambda d, name=name: metrics.set_queue_depth(name, d))
-        models[name] = ServedModel(name, Path(path), meta, session, inp, out, batcher)
+        models[name] = ServedModel(name, Path(path), meta, inp, out, batcher)
     return models
 
 
@@ -100,6 +99,8 @@ def model_inputs(parts: list[np.ndarray], meta: dict[str, Any]) -> np.ndarray:
     if images:
         normed = preprocess(np.concatenate(images), mean=meta["mean"], std=meta["std"],
                             input_size=int(meta["input_size"]))
+        if len(images) == len(parts):  # only classify images (the usual batch): already the model's input
+            return normed
     xs, at = [], 0
     for p in parts:
         if p.dtype == np.uint8:
