@@ -60,8 +60,11 @@ def _check_args(args: argparse.Namespace) -> None:
 def _load_data(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[Any, Any, str]:
     from ..data import load_source, preprocess
     from ..deploy.baseline import data_sha256
+    from ..deploy.validate import check_classes
 
-    test = load_source(args.data, root=args.root, need_train=False).test
+    src = load_source(args.data, root=args.root, need_train=False)
+    check_classes(meta, src.class_names, src.named, Path(args.model))  # as validate: refuse other classes
+    test = src.test
     images = preprocess(test.images, mean=meta["mean"], std=meta["std"], input_size=meta["input_size"])
     return images, test.labels, data_sha256(test.images, test.labels)
 

@@ -24,6 +24,7 @@ from ..errors import UserError
 from .benchmark import REFERENCE_VERSION, measure_relative
 from .evaluate import make_session, run_batched
 from .machine import fingerprint
+from .metadata import read_metadata
 from .validate import model_key
 
 FORMAT = "distill2deploy.baseline/1"
@@ -150,7 +151,8 @@ def measure_model(path: str | os.PathLike[str], *, input_size: int | None, batch
                              "bytes": Path(path).stat().st_size, "input_shape": shape,
                              "machine": fingerprint(threads), "rounds": int(rounds)}
     if images is not None:
-        logits = run_batched(session, images, 256)
+        # the output validate scores (the metadata's output_name), so a baseline and validate agree
+        logits = run_batched(session, images, 256, output_name=read_metadata(path, require=False).get("output_name"))
         entry["accuracy"] = accuracy_entry(logits.argmax(1) == np.asarray(labels).reshape(-1), data_hash or "")
     entry["latency"] = measure_relative(session, shape, batch_sizes=batch_sizes, rounds=rounds, threads=threads,
                                         progress=progress, plans=plans)

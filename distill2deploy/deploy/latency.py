@@ -24,15 +24,20 @@ from .evaluate import make_session
 from .machine import fingerprint
 
 
+def spread(values: Sequence[float]) -> float:
+    """(max - min) / median of per-round figures: how much they moved while the load changed."""
+    x = np.asarray(values, dtype=float)
+    return float((x.max() - x.min()) / np.median(x))
+
+
 def _stats_ms(rounds_s: list[list[float]]) -> dict[str, Any]:
     """Percentiles over all runs, plus each round's p50 and their spread ((max - min) / median):
     the run-to-run movement that tells a reader whether the load changed while timing."""
     ms = np.concatenate([np.asarray(r) for r in rounds_s if r]) * 1e3
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
     per_round = [float(np.median(r) * 1e3) for r in rounds_s if r]
-    spread = (max(per_round) - min(per_round)) / float(np.median(per_round))
     return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(ms.mean()),
-            "round_p50": per_round, "round_spread": spread}
+            "round_p50": per_round, "round_spread": spread(per_round)}
 
 
 def _chunks(total: int, rounds: int) -> list[int]:

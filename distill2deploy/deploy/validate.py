@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import UserError
 from .evaluate import accuracy, agreement, make_session, run_batched
-from .latency import measure_latency_many
+from .latency import measure_latency_many, spread
 from .metadata import read_metadata
 from .regression import paired_accuracy
 
@@ -139,7 +139,7 @@ def validate_models(
             bs: models[key]["latency_ms"][bs]["p50"] / models[ref]["latency_ms"][bs]["p50"]
             for bs in models[key]["latency_ms"]
         }
-        ratio_spread[pair] = {bs: _spread(np.asarray(models[key]["latency_ms"][bs]["round_p50"])
+        ratio_spread[pair] = {bs: spread(np.asarray(models[key]["latency_ms"][bs]["round_p50"])
                                           / np.asarray(models[ref]["latency_ms"][bs]["round_p50"]))
                               for bs in models[key]["latency_ms"]}
         top1_change[pair] = paired_accuracy(correct[ref], correct[key])
@@ -150,7 +150,3 @@ def validate_models(
         result["correct"] = correct
     return result
 
-
-def _spread(x: np.ndarray) -> float:
-    """(max - min) / median of per-round figures: how much they moved while the load changed."""
-    return float((x.max() - x.min()) / np.median(x))
