@@ -248,7 +248,7 @@ def data_fingerprint(source: Any) -> str:
 def load_training_data(ctx: Any) -> None:
     """Every rank loads the training data, each machine's local main first (a download or a decode
     happens once per machine), and all of them must hold the same images."""
-    if _group() is None:
+    if _group() is None or getattr(ctx, "_data_agreed", False):  # checked once per run, not per stage
         return
     lead = _here().local_rank == 0
     with agree("loading the data (data.source)"):
@@ -260,6 +260,7 @@ def load_training_data(ctx: Any) -> None:
     check_same("the training data", data_fingerprint(ctx.data(need_train=True)),
                fix="give every machine the same data at the same path (data.source, data.root)",
                show=lambda v: f"sha256 {v[:12]}")
+    ctx._data_agreed = True
 
 
 def mirror_outputs(ctx: Any, stage: str) -> None:

@@ -26,7 +26,7 @@ from ..errors import UserError
 from .evaluate import make_session, run_batched
 from .metadata import INPUT_NAME, LAYOUT, OUTPUT_NAME, set_props
 
-MIN_OPSET = 17
+from ..config import MIN_OPSET  # one bound, checked when the config loads and here
 DYNAMO_MIN_OPSET = 18
 
 

@@ -204,10 +204,10 @@ def _remove_if_empty(folder: Path) -> None:
 
 def _checkpoint_key(stage_dir: Path) -> str | None:
     """The cache key a finished training stage's last checkpoint was written under."""
-    try:
-        return json.loads((stage_dir / "checkpoints" / "last" / "trainer_state.json").read_text()).get("key")
-    except (OSError, ValueError, AttributeError):
-        return None
+    from ..trainer import _read_state  # the trainer owns its state file's name and format
+
+    state = _read_state(stage_dir / "checkpoints" / "last")
+    return state.get("key") if isinstance(state, dict) else None
 
 
 def require_file(path: str | None, where: str) -> str | None:
