@@ -555,9 +555,11 @@ def _train(accelerator: Accelerator, method: DistillMethod, source: DataSource, 
                 (out.logits.detach().argmax(1) == labels).sum()
             sums["_seen"] = sums.get("_seen", torch.zeros((), device=device)) + n
             bar.update(1)
+            # Log steps are the only ones that sync: the non-finite-loss check (one small gather across
+            # processes, next to DDP's per-step all-reduce) and the progress bar's loss.
             if step % opts.log_every_steps == 0:
                 finite.check()
-            if not bar.disable and step % opts.log_every_steps == 0:  # the only host sync of a step
+            if not bar.disable and step % opts.log_every_steps == 0:
                 bar.set_postfix(epoch=f"{epoch + 1}/{schedule.epochs}", loss=f"{out.loss.item():.3f}")
             opt_step = epoch * math.ceil(steps_per_epoch / accum) + step // accum + 1
             if (boundary and opts.checkpoint_every_steps and step + 1 < steps_per_epoch
