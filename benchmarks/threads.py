@@ -5,7 +5,7 @@ Run by hand (nothing asserts on time):
     python benchmarks/threads.py                      # threads 1, 2 and every core
     python benchmarks/threads.py --threads 1 2 4 8    # a bigger machine
 
-One KD :class:`~distill2deploy.trainer.TrainStep` (MobileNetV2-x0.5 student, ResNet-56 teacher,
+One KD :class:`~distill2deploy.training.step.TrainStep` (MobileNetV2-x0.5 student, ResNet-56 teacher,
 batch 64, CPU) is timed at each thread count, *interleaved* in rounds (``torch.set_num_threads``
 switches between them), so background load from other processes hits every setting alike. The
 table reports the median step time, the spread of the rounds, and the ratio to one thread, with
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["ACCELERATE_USE_CPU"] = "true"
     import distill2deploy  # noqa: F401  (registers the *_cifar models)
     from distill2deploy.config import DistillConfig
-    from distill2deploy.trainer import make_accelerator
+    from distill2deploy.training.processes import make_accelerator
 
     accelerator = make_accelerator(DistillConfig())
     step = make_step(args, accelerator, "kd", {})

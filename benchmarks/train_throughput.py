@@ -5,7 +5,7 @@ Run by hand (numbers depend on the device and its load; nothing here asserts on 
     python benchmarks/train_throughput.py                       # CPU
     python benchmarks/train_throughput.py --device cuda --steps 50 --repeats 7
 
-Every configuration is one :class:`distill2deploy.trainer.TrainStep` -- the trainer's own step:
+Every configuration is one :class:`distill2deploy.training.step.TrainStep` -- the trainer's own step:
 frozen teachers under ``torch.inference_mode``, method forward, one backward, one SGD step per
 optimizer -- fed a batch that already sits on the device. The configurations are timed
 *interleaved* (round-robin, ``--repeats`` rounds of ``--steps`` steps each after ``--warmup``
@@ -98,7 +98,7 @@ def make_step(args: argparse.Namespace, accelerator, name: str, options: dict): 
     from distill2deploy.config import DistillConfig
     from distill2deploy.methods import get_method
     from distill2deploy.models.factory import create_model
-    from distill2deploy.trainer import TrainStep
+    from distill2deploy.training.step import TrainStep
 
     torch.manual_seed(0)
     cls = get_method(name)
@@ -149,7 +149,7 @@ def loader_batches(args: argparse.Namespace, source, device: torch.device, on_de
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # noqa: ANN001
     """Endless device batches from the trainer's real input pipeline (epoch after epoch)."""
     from distill2deploy.config import DataConfig
-    from distill2deploy.trainer import BatchPipe, make_train_loader
+    from distill2deploy.training.loaders import BatchPipe, make_train_loader
 
     cfg = DataConfig(num_workers=workers)
     cfg.augment.on_device = on_device
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(torch.device(args.device))
     import distill2deploy  # noqa: F401  (registers the *_cifar models)
     from distill2deploy.config import DistillConfig
-    from distill2deploy.trainer import make_accelerator
+    from distill2deploy.training.processes import make_accelerator
 
     accelerator = make_accelerator(DistillConfig(mixed_precision=args.mixed_precision))
     device = accelerator.device

@@ -210,18 +210,6 @@ def tree_files(path: str | os.PathLike[str]) -> dict[str, str]:
     return {str(f.relative_to(p)): file_sha256(f) for f in sorted(q for q in p.rglob("*") if q.is_file())}
 
 
-def tree_sha256(path: str | os.PathLike[str]) -> str:
-    """Hash a file or every file under a directory (names and contents, in sorted order)."""
-    p = Path(path)
-    if p.is_file():
-        return file_sha256(p)
-    h = hashlib.sha256()
-    for name, digest in tree_files(p).items():
-        h.update(name.encode())
-        h.update(digest.encode())
-    return h.hexdigest()
-
-
 def obj_sha256(obj: Any) -> str:
     """Hash of a JSON-able object, independent of dict ordering."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -109,7 +109,7 @@ def locked(run_dir: Path, *, per_machine: bool = True) -> Iterator[None]:
     when every machine shares the run directory: ``per_machine=False``) and every process learns
     whether it succeeded (a collective), so the others fail with it instead of waiting forever.
     """
-    from .trainer import process_state
+    from .training.processes import process_state
 
     state = process_state()
     lock: RunLock | None = None

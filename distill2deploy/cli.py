@@ -10,7 +10,6 @@ from . import _io
 from .commands import check, serving
 from .errors import UserError
 
-STAGE_CMDS = ("teacher", "distill", "export", "quantize", "validate", "report")
 
 EXAMPLES = {
     None: """examples:

@@ -6,7 +6,6 @@ resolved config whose hash keys the run's caches.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -263,6 +262,7 @@ def check_config(cfg: PipelineConfig) -> None:
     """Cross-field checks the types alone cannot express."""
     from .methods import get_method  # the method validates its own options
     from .models.factory import check_model_name
+    from .training.processes import runs_on_cpu
 
     check_model_name(cfg.teacher.model, "teacher.model")
     check_model_name(cfg.student.model, "student.model")
@@ -288,6 +288,10 @@ def check_config(cfg: PipelineConfig) -> None:
     if cfg.teacher.reset_head and cfg.teacher.train.epochs < 1:
         raise UserError("a re-initialised head is random until it is trained", where="teacher.reset_head",
                         fix="set teacher.train.epochs >= 1 to fine-tune the teacher, or reset_head: false")
+    if cfg.distill.mixed_precision == "fp16" and runs_on_cpu():
+        # Accelerate would silently train in fp32: there is no fp16 autocast/GradScaler on CPU.
+        raise UserError("fp16 mixed precision needs a GPU; this process runs on CPU",
+                        where="distill.mixed_precision", fix="use bf16 on CPU, or 'no'")
     get_method(cfg.distill.method).parse_options(cfg.distill.options)
 
 
@@ -305,6 +309,3 @@ def config_hash(cfg: PipelineConfig) -> str:
     d["data"].pop("num_workers", None)
     return obj_sha256(d)
 
-
-def replace(cfg: Any, **changes: Any) -> Any:
-    return dataclasses.replace(cfg, **changes)

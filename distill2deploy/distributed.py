@@ -65,14 +65,14 @@ def _group() -> Any:
     """``torch.distributed`` when this run has several processes, else None (every helper is then a no-op)."""
     import torch.distributed as dist
 
-    from .trainer import process_state
+    from .training.processes import process_state
 
     process_state()  # joins the process group of a launched run (idempotent)
     return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
 def _here() -> Place:
-    from .trainer import process_state
+    from .training.processes import process_state
 
     state = process_state()
     return Place(state.process_index, state.local_process_index, socket.gethostname())

@@ -25,13 +25,15 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from distill2deploy.augment import BatchAugment, CropFlipParams, crop_flip, sample_params
-from distill2deploy.config import CIFAR100_MEAN, CIFAR100_STD, DataConfig, DistillConfig
+from distill2deploy.config import CIFAR100_MEAN, CIFAR100_STD, DataConfig, DistillConfig, PipelineConfig, check_config
 from distill2deploy.data import DataSource, Split
 from distill2deploy.errors import UserError
 from distill2deploy.methods import get_method, list_methods
 from distill2deploy.models.factory import create_model
-from distill2deploy.trainer import (BatchPipe, SeededSamples, ShardedBatchSampler, TrainStep, _recover_checkpoint,
-                                    make_accelerator, make_train_loader, seed_for)
+from distill2deploy.training.checkpoint import recover_checkpoint
+from distill2deploy.training.loaders import BatchPipe, SeededSamples, ShardedBatchSampler, make_train_loader, seed_for
+from distill2deploy.training.processes import make_accelerator
+from distill2deploy.training.step import TrainStep
 
 from .conftest import SAMPLE_NPZ, WEIGHTS, need_shared
 
@@ -186,7 +188,7 @@ def _method(name: str, options: dict, teacher: str = "resnet20_cifar"):
 
 
 def test_every_method_gives_every_trained_parameter_a_gradient():
-    """DDP runs without find_unused_parameters unless a method declares it: check the declaration."""
+    """DDP runs without find_unused_parameters, so every method must give every trained parameter a gradient."""
     x, y = torch.randn(6, 3, 32, 32), torch.arange(6) % 10
     accelerator = make_accelerator(DistillConfig())
     for name in list_methods():
@@ -195,7 +197,7 @@ def test_every_method_gives_every_trained_parameter_a_gradient():
         step.model.train()
         step.forward_backward(x, y, 0.5)
         unused = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
-        assert not unused or method.find_unused_parameters, (name, unused[:5])
+        assert not unused, (name, unused[:5])
 
 
 @pytest.mark.parametrize("name,options", [("fitnet", {}), ("reviewkd", {}), ("eckd_f", {"bidirectional": False}),
@@ -214,13 +216,14 @@ def test_frozen_teacher_runs_in_inference_mode_and_feature_losses_backpropagate(
     assert any(not torch.equal(a, p) for a, p in zip(before, method.student.parameters()))
 
 
-def test_bf16_step_on_cpu_and_fp16_refused():
+def test_bf16_step_on_cpu_and_fp16_refused_when_the_config_loads():
     method = _method("kd", {})
     step, _ = TrainStep.prepare(make_accelerator(DistillConfig(mixed_precision="bf16")), method, DistillConfig())
     out = step(torch.randn(4, 3, 32, 32), torch.arange(4))
     assert torch.isfinite(out.loss) and out.logits.dtype == torch.bfloat16
-    with pytest.raises(UserError, match="bf16"):
-        make_accelerator(DistillConfig(mixed_precision="fp16"))
+    with pytest.raises(UserError, match="bf16") as e:
+        check_config(PipelineConfig(distill=DistillConfig(mixed_precision="fp16")))
+    assert e.value.where == "distill.mixed_precision"
     make_accelerator(DistillConfig())  # back to fp32 for the tests that follow in this process
 
 
@@ -248,11 +251,11 @@ def test_interrupted_checkpoint_rename_is_recovered(tmp_path):
     old.mkdir()
     (old / "trainer_state.json").write_text("{}")
     partial.mkdir()  # killed while writing: no state file yet
-    _recover_checkpoint(last)
+    recover_checkpoint(last)
     assert (last / "trainer_state.json").is_file() and not old.exists()
     (tmp_path / "last.partial" / "trainer_state.json").write_text('{"new": 1}')
     last.rename(old)
-    _recover_checkpoint(last)  # killed between the renames: the complete new one wins
+    recover_checkpoint(last)  # killed between the renames: the complete new one wins
     assert json.loads((last / "trainer_state.json").read_text()) == {"new": 1}
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill2deploy.trainer import _recover_checkpoint
+from distill2deploy.training.checkpoint import recover_checkpoint
 
 from .conftest import SAMPLE_NPZ, WEIGHTS, need_shared
 
@@ -64,7 +64,7 @@ def test_kill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path):
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    _recover_checkpoint(state.parent)  # what the rerun does first, if the kill fell between two renames
+    recover_checkpoint(state.parent)  # what the rerun does first, if the kill fell between two renames
     killed_at = json.loads(state.read_text())
     assert not (run_dir / "distill" / "stage.json").exists() and not (run_dir / "distill" / "student.pt").exists()
 

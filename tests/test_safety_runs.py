@@ -27,7 +27,8 @@ def test_a_diverging_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(t
     from distill2deploy.data import DataSource, Split
     from distill2deploy.methods import get_method
     from distill2deploy.models.factory import create_model
-    from distill2deploy.trainer import make_accelerator, train
+    from distill2deploy.training.loop import train
+    from distill2deploy.training.processes import make_accelerator
 
     ce = get_method("ce")
 

@@ -62,10 +62,6 @@ class DistillMethod(nn.Module):
     Options: ClassVar[type] = EmptyOptions
     #: whether the method needs the (frozen or trainable) teacher of the teacher stage
     uses_teacher: ClassVar[bool] = True
-    #: set True when a step may leave some trained parameter without a gradient (e.g. a head used
-    #: only on some steps): DDP then searches the graph for unused parameters after every forward,
-    #: which costs time, so it is off unless a method needs it (multi-process runs fail otherwise)
-    find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], options: Any, *, num_classes: int,
                  input_size: int) -> None:

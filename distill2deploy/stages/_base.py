@@ -47,13 +47,13 @@ class RunContext:
 
     @cached_property
     def accelerator(self):  # noqa: ANN201  (accelerate is imported lazily: slow to import)
-        from ..trainer import make_accelerator
+        from ..training.processes import make_accelerator
 
         return make_accelerator(self.cfg.distill, save_on_each_node=not self.run_dir_shared)
 
     @property
     def is_main(self) -> bool:
-        from ..trainer import process_state  # joins a multi-process CPU launch with gloo (see there)
+        from ..training.processes import process_state  # joins a multi-process CPU launch with gloo (see there)
 
         return process_state().is_main_process
 
@@ -61,7 +61,7 @@ class RunContext:
         """Whether this process manages ``stage``'s work directory on its machine: the main process, and
         for the training stages each machine's first process when machines keep their own run
         directory (its checkpoints live there, so a rerun resumes or restarts alike on every machine)."""
-        from ..trainer import process_state
+        from ..training.processes import process_state
 
         return self.is_main or (stage.all_processes and not self.run_dir_shared
                                 and process_state().is_local_main_process)
@@ -204,9 +204,9 @@ def _remove_if_empty(folder: Path) -> None:
 
 def _checkpoint_key(stage_dir: Path) -> str | None:
     """The cache key a finished training stage's last checkpoint was written under."""
-    from ..trainer import _read_state  # the trainer owns its state file's name and format
+    from ..training.checkpoint import read_state  # the trainer owns its state file's name and format
 
-    state = _read_state(stage_dir / "checkpoints" / "last")
+    state = read_state(stage_dir / "checkpoints" / "last")
     return state.get("key") if isinstance(state, dict) else None
 
 

@@ -27,7 +27,7 @@ class DistillStage(Stage):
                 "distill": to_dict(ctx.cfg.distill), "data": ctx.data_key(), "seed": ctx.cfg.seed}
 
     def run(self, ctx: RunContext, stage_dir: Path) -> StageResult:
-        from ..trainer import train
+        from ..training.loop import TrainOptions, train
 
         cfg = ctx.cfg
         data = ctx.data(need_train=True)
@@ -43,7 +43,8 @@ class DistillStage(Stage):
         method = method_cls(student, teachers, options, num_classes=data.num_classes,
                             input_size=cfg.data.input_size)
         result = train(ctx.accelerator, method, data, data_cfg=cfg.data, schedule=cfg.distill, seed=cfg.seed,
-                       out_dir=stage_dir, key=self.cache_key(ctx), desc=f"distill:{cfg.distill.method}")
+                       out_dir=stage_dir, key=self.cache_key(ctx), desc=f"distill:{cfg.distill.method}",
+                       options=TrainOptions.from_config(cfg.distill))
         out = stage_dir / "student.pt"
         acc = ctx.accelerator
         if acc.is_main_process:

@@ -39,7 +39,9 @@ class TeacherStage(Stage):
                 "data": ctx.data_key(), "seed": ctx.cfg.seed}
 
     def run(self, ctx: RunContext, stage_dir: Path) -> StageResult:
-        from ..trainer import evaluate, make_loaders, train
+        from ..training.loaders import make_loaders
+        from ..training.loop import train
+        from ..training.step import evaluate
 
         cfg = ctx.cfg
         data = ctx.data(need_train=True)
