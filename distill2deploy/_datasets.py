@@ -12,16 +12,13 @@ import zipfile
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 from urllib.error import URLError
 
 import numpy as np
 
 from ._io import atomic_path, obj_sha256
 from .errors import UserError
-
-if TYPE_CHECKING:
-    from .data import Split
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 NPZ_TRAIN_KEYS = ("x_train", "y_train")
@@ -31,10 +28,19 @@ _FOLDER_CACHE_VERSION = 1
 _PROGRESS_MIN_IMAGES = 2000  # below this a progress bar is just noise
 
 
-def _split(images: np.ndarray, labels: np.ndarray) -> Split:
-    from .data import Split  # data.py imports this module; the dataclass lives there
+@dataclass
+class Split:
+    """One split in memory (what every reader returns; :mod:`distill2deploy.data` builds on it)."""
 
-    return Split(images=images, labels=labels)
+    images: np.ndarray  # uint8 NHWC
+    labels: np.ndarray  # int64 (N,)
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
 
 # ----------------------------------------------------------------------------------- cifar100
@@ -65,8 +71,8 @@ def load_cifar100(root: Path, *, download: bool, need_train: bool) -> tuple[Spli
     except (URLError, OSError, RuntimeError) as e:
         raise _cifar_unavailable(root, download, e) from None
     names = list(test.classes)
-    return (_split(np.ascontiguousarray(train.data), np.asarray(train.targets, dtype=np.int64)),
-            _split(np.ascontiguousarray(test.data), np.asarray(test.targets, dtype=np.int64)), names)
+    return (Split(np.ascontiguousarray(train.data), np.asarray(train.targets, dtype=np.int64)),
+            Split(np.ascontiguousarray(test.data), np.asarray(test.targets, dtype=np.int64)), names)
 
 
 def _cifar_root(root: Path, base_folder: str) -> Path:
@@ -126,7 +132,7 @@ def load_npz(path: Path, *, need_train: bool, num_classes: int | None = None,
     for split in ("train", "test") if has_train else ("test",):
         x = _check_images(arrays[f"x_{split}"], f"x_{split}", where)
         y = _check_labels(arrays[f"y_{split}"], len(x), f"y_{split}", f"x_{split}", where)
-        splits[split] = _split(x, y)
+        splits[split] = Split(x, y)
 
     names = _check_names(names_arr, where) if names_arr is not None else None
     count = len(names) if names is not None else num_classes
@@ -323,7 +329,7 @@ def _load_image_split(split_dir: Path, class_to_idx: dict[str, int], layout: str
     if cache is not None and cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as f:
-                return _split(f["images"], f["labels"])
+                return Split(f["images"], f["labels"])
         except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error):
             pass  # a damaged cache is rebuilt below
     split = _decode_all(split_dir, samples)
@@ -362,5 +368,5 @@ def _decode_all(split_dir: Path, samples: list[tuple[str, int]]) -> Split:
                         f"{'; '.join(odd)})", where=str(split_dir),
                         fix="resize all images of the dataset to one size beforehand (data.input_size then "
                             "resizes them for the model)")
-    return _split(np.stack(images), np.asarray([label for _, label in samples], dtype=np.int64))
+    return Split(np.stack(images), np.asarray([label for _, label in samples], dtype=np.int64))
 

@@ -21,25 +21,11 @@ import torch
 from torchvision.transforms import v2
 
 from . import _datasets
+from ._datasets import Split
 from .errors import UserError, suggest
 
 SCHEMES = ("cifar100", "npz", "folder")
 _SOURCE_HELP = "'cifar100', 'npz:PATH' (arrays x_train, y_train, x_test, y_test) or 'folder:PATH' (ImageFolder tree)"
-
-
-@dataclass
-class Split:
-    """One split in memory."""
-
-    images: np.ndarray  # uint8 NHWC
-    labels: np.ndarray  # int64 (N,)
-
-    def __post_init__(self) -> None:
-        if len(self.images) != len(self.labels):
-            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
 
 @dataclass
