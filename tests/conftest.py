@@ -10,6 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SAMPLE_NPZ = SHARED / "data" / "cifar100_sample.npz"
 WEIGHTS = SHARED / "weights"
+CIFAR10_JPEG = SHARED / "data" / "cifar10_jpeg.tar.gz"
 
 # Tests never download: the hub and dataset sites are unreachable in CI.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

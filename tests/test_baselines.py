@@ -25,10 +25,9 @@ from distill2deploy.errors import UserError
 from distill2deploy.methods import TeacherOutput, get_method
 from distill2deploy.models.factory import extract
 
+from .conftest import SAMPLE_NPZ, SHARED, WEIGHTS
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"  # /work/shared beside the repo
-SAMPLE_NPZ = SHARED / "data" / "cifar100_sample.npz"
-WEIGHTS = SHARED / "weights"
+
 NUM_CLASSES = 10
 MASK_KEYS = {"trsr", "trsw", "twsr", "twsw"}
 

@@ -28,9 +28,8 @@ from distill2deploy.data import (
 )
 from distill2deploy.errors import UserError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SAMPLE = SHARED / "data" / "cifar100_sample.npz"
-CIFAR10_JPEG = SHARED / "data" / "cifar10_jpeg.tar.gz"
+from .conftest import CIFAR10_JPEG, SAMPLE_NPZ
+
 MEAN, STD = [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]
 
 
@@ -158,9 +157,9 @@ def test_cifar100_corrupt_files_without_download(tmp_path, offline, monkeypatch)
 
 
 # --------------------------------------------------------------------------------------- npz
-@pytest.mark.skipif(not SAMPLE.is_file(), reason=f"shared sample not found at {SAMPLE}")
+@pytest.mark.skipif(not SAMPLE_NPZ.is_file(), reason=f"shared sample not found at {SAMPLE_NPZ}")
 def test_shared_sample_loads():
-    ds = load_source(f"npz:{SAMPLE}")
+    ds = load_source(f"npz:{SAMPLE_NPZ}")
     assert ds.num_classes == 100 and ds.class_names[:2] == ["apple", "aquarium_fish"]
     assert ds.train.images.shape == (486, 32, 32, 3) and ds.test.images.shape == (400, 32, 32, 3)
     assert ds.train.labels.dtype == np.int64 and ds.test.labels.max() < 100

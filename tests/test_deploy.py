@@ -29,7 +29,8 @@ from distill2deploy.deploy import (
 )
 from distill2deploy.errors import UserError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from .conftest import SAMPLE_NPZ, SHARED, WEIGHTS
+
 SIZE, CLASSES = 16, 10
 MEAN, STD = (0.5070, 0.4865, 0.4409), (0.2673, 0.2564, 0.2761)
 
@@ -403,7 +404,7 @@ def test_training_curves_keep_fractions_and_counts_off_the_loss_axis(tmp_path):
 
 
 # ---------------------------------------------------------------- real weights
-@pytest.mark.skipif(not (SHARED / "weights" / "cifar100_resnet56.pth").exists(),
+@pytest.mark.skipif(not (WEIGHTS / "cifar100_resnet56.pth").exists(),
                     reason=f"real weights not found under {SHARED}")
 def test_resnet56_cifar100_export_and_int8(tmp_path):
     import timm
@@ -411,9 +412,9 @@ def test_resnet56_cifar100_export_and_int8(tmp_path):
     import distill2deploy  # noqa: F401  (registers resnet56_cifar)
     from distill2deploy.data import preprocess
 
-    data = np.load(SHARED / "data" / "cifar100_sample.npz")
+    data = np.load(SAMPLE_NPZ)
     model = timm.create_model("resnet56_cifar", num_classes=100)
-    model.load_state_dict(torch.load(SHARED / "weights" / "cifar100_resnet56.pth", weights_only=True),
+    model.load_state_dict(torch.load(WEIGHTS / "cifar100_resnet56.pth", weights_only=True),
                           strict=True)
     model.eval()
     x_test = preprocess(data["x_test"], mean=MEAN, std=STD, input_size=32)
