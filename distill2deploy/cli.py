@@ -175,7 +175,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     _io.refuse_overwrite(args.out, [args.checkpoint], "--out")
     _check_range(args.input_size, "--input-size")
     from ._threads import use_threads
-    from .config import MIN_OPSET, max_opset
+    from .config import MIN_OPSET, check_normalization, max_opset
     from .models import CIFAR100_MEAN, CIFAR100_STD
     from .data import load_source, preprocess
     from .deploy.export import export_onnx
@@ -187,6 +187,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                         fix=f"use --opset {MIN_OPSET}..{max_opset()}")
     use_threads(threads)
     mean, std = args.mean or list(CIFAR100_MEAN), args.std or list(CIFAR100_STD)
+    check_normalization(mean, std, where="--mean/--std")
     class_names = [f"class_{i}" for i in range(args.num_classes)]
     parity = None
     if args.data:

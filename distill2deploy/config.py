@@ -258,6 +258,13 @@ _RESERVED_KWARGS = frozenset({"num_classes", "pretrained", "checkpoint_path", "p
                               "pretrained_cfg_overlay"})
 
 
+def check_normalization(mean: list[float], std: list[float], where: str) -> None:
+    """A user's per-channel mean and std (config keys or CLI flags, named by ``where``)."""
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise UserError(f"mean and std need 3 values each (std > 0), got {mean} and {std}", where=where,
+                        fix="give one value per RGB channel, e.g. the CIFAR-100 defaults")
+
+
 def check_config(cfg: PipelineConfig) -> None:
     """Cross-field checks the types alone cannot express."""
     from .methods import get_method  # the method validates its own options
@@ -267,8 +274,7 @@ def check_config(cfg: PipelineConfig) -> None:
     check_model_name(cfg.teacher.model, "teacher.model")
     check_model_name(cfg.student.model, "student.model")
 
-    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or any(s <= 0 for s in cfg.data.std):
-        raise UserError("mean and std need 3 values each (std > 0)", where="data.mean/data.std")
+    check_normalization(cfg.data.mean, cfg.data.std, where="data.mean/data.std")
     if not cfg.validate.batch_sizes:
         raise UserError("no batch sizes to measure", where="validate.batch_sizes", fix="e.g. [1, 64]")
     if cfg.validate.baseline_rounds != 0 and cfg.validate.baseline_rounds < 5:

@@ -478,5 +478,5 @@ def test_preprocess_rejects_bad_input():
 
 
 def test_transform_rejects_bad_stats():
-    with pytest.raises(UserError, match="3 values"):
+    with pytest.raises(ValueError, match="3 values"):
         eval_transform(input_size=32, mean=[0.5], std=STD)

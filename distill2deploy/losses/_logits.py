@@ -1,18 +1,6 @@
-"""Distillation losses as pure functions on tensors (no models inside).
+"""Losses on logits: Hinton KD, DKD, DML, multi-teacher targets and the ECKD masks and EC term.
 
-Formulas follow ``docs/methods.md``; every function is unit-tested on hand-made inputs.
-
-Conventions shared by all functions here:
-
-* logits are ``[B, C]``, labels ``[B]`` (int64), masks ``[B]`` bool, features ``[B, ...]``;
-* the side that *teaches* (teacher, peer, source) is detached inside the function, so callers can
-  pass live tensors of a network that is trained by another term without leaking gradient;
-* "batch mean" divides by the full batch size ``B`` even when a mask selects fewer samples, so a
-  masked loss shrinks with the number of samples it corrects instead of being re-normalised.
-
-Hyper-parameters that come from a user's config (temperature, weights, weighting names) raise
-:class:`~distill2deploy.errors.UserError`; wrong shapes or dtypes are caller bugs and raise
-``ValueError`` / ``TypeError``.
+Pure functions on tensors; the conventions are those of :mod:`distill2deploy.losses`.
 """
 from __future__ import annotations
 
@@ -23,16 +11,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError, suggest
-
-__all__ = [
-    "ErrorMasks", "MULTI_TEACHER_WEIGHTINGS", "at_loss", "attention_map", "correctness", "dkd_loss", "dkd_terms",
-    "dkd_warmup", "dml_loss", "ec_loss", "error_masks", "feature_loss_per_sample", "fitnet_loss", "fsp_loss",
-    "fsp_matrix", "hcl_loss",
-    "kd_loss", "kl_div_tempered", "mask_fractions", "masked_feature_loss", "multi_teacher_targets",
-    "multi_teacher_weights", "soft_target_kd",
-]
-
 MULTI_TEACHER_WEIGHTINGS = ("mean", "confidence", "entropy")
 
 
@@ -42,8 +20,7 @@ MULTI_TEACHER_WEIGHTINGS = ("mean", "confidence", "entropy")
 
 def _check_temperature(temperature: float, where: str) -> None:
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise UserError(f"temperature must be a positive number, got {temperature!r}", where=where,
-                        fix="set the method's temperature to a value > 0 (4 is the usual CIFAR-100 choice)")
+        raise ValueError(f"{where}: temperature must be a finite number > 0, got {temperature!r}")
 
 
 def _check_logits_pair(a: torch.Tensor, b: torch.Tensor, where: str) -> None:
@@ -235,8 +212,7 @@ def dkd_warmup(progress_epochs: float, warmup_epochs: float) -> float:
     """Linear warm-up factor min(progress / warmup, 1); DKD's strong NCKD term destabilises the
     first epochs of a randomly initialised student otherwise. ``warmup_epochs = 0`` disables it."""
     if warmup_epochs < 0:
-        raise UserError(f"warm-up length must be >= 0 epochs, got {warmup_epochs!r}", where="dkd",
-                        fix="set warmup_epochs to 0 (off) or a positive number of epochs (20 in the paper)")
+        raise ValueError(f"dkd_warmup: the warm-up length must be >= 0 epochs, got {warmup_epochs!r}")
     if warmup_epochs == 0:
         return 1.0
     return float(min(max(progress_epochs / warmup_epochs, 0.0), 1.0))
@@ -281,17 +257,15 @@ def multi_teacher_weights(teacher_logits_list: Sequence[torch.Tensor], weighting
     if first.dim() != 2:
         raise ValueError(f"multi_teacher_weights: expected [B, C] logits, got {tuple(first.shape)}")
     if weighting not in MULTI_TEACHER_WEIGHTINGS:
-        raise UserError(f"unknown multi-teacher weighting {weighting!r}", where="multi_teacher.weighting",
-                        fix=suggest(weighting, MULTI_TEACHER_WEIGHTINGS)
-                        or f"use one of {', '.join(MULTI_TEACHER_WEIGHTINGS)}")
+        raise ValueError(f"multi_teacher_weights: unknown weighting {weighting!r} (expected one of "
+                         f"{', '.join(MULTI_TEACHER_WEIGHTINGS)})")
     logits = torch.stack([t.detach() for t in teacher_logits_list], dim=1).float()  # [B, K, C]
     if weights is None:
         prior = torch.full((k,), 1.0 / k, device=logits.device)
     else:
         if len(weights) != k or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-            raise UserError(f"teacher weights {list(weights)!r} do not fit {k} teachers",
-                            where="multi_teacher.weights",
-                            fix=f"give {k} non-negative numbers with a positive sum, or leave weights unset")
+            raise ValueError(f"multi_teacher_weights: weights {list(weights)!r} are not {k} non-negative numbers "
+                             "with a positive sum")
         prior = torch.tensor([float(w) for w in weights], device=logits.device)
         prior = prior / prior.sum()
     if weighting == "mean":
@@ -323,142 +297,3 @@ def soft_target_kd(student_logits: torch.Tensor, target_probs: torch.Tensor,
     _check_logits_pair(student_logits, target_probs, "soft_target_kd")
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     return F.kl_div(log_p_s, target_probs.detach().to(log_p_s.dtype), reduction="batchmean") * temperature**2
-
-
-# --------------------------------------------------------------------------------------------
-# 4. Feature losses (FitNet, AT, FSP, ReviewKD) and ECKD-F
-
-
-def _check_feature_pair(a: torch.Tensor, b: torch.Tensor, where: str) -> None:
-    if a.shape != b.shape or a.dim() < 2:
-        raise ValueError(f"{where}: expected two [B, ...] features of the same shape, got "
-                         f"{tuple(a.shape)} and {tuple(b.shape)} (adapt the student feature first)")
-
-
-def fitnet_loss(student_feat_adapted: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
-    """FitNet hint loss: MSE between the regressed student feature and the detached teacher's."""
-    _check_feature_pair(student_feat_adapted, teacher_feat, "fitnet_loss")
-    return F.mse_loss(student_feat_adapted, teacher_feat.detach())
-
-
-def feature_loss_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per sample, ``[B]`` (no detaching: the caller decides the direction)."""
-    _check_feature_pair(a, b, "feature_loss_per_sample")
-    return F.mse_loss(a, b, reduction="none").flatten(1).mean(dim=1)
-
-
-def masked_feature_loss(source_feat: torch.Tensor, target_feat: torch.Tensor,
-                        mask: torch.Tensor) -> torch.Tensor:
-    """ECKD-F: sum_i m_i * MSE_i(target, source) / B, source detached, gradient into target only.
-
-    Rows are chosen with ``torch.where`` for the same reasons as in :func:`ec_loss`.
-    """
-    _check_feature_pair(source_feat, target_feat, "masked_feature_loss")
-    _check_mask(mask, source_feat.shape[0], "masked_feature_loss")
-    per_sample = feature_loss_per_sample(target_feat, source_feat.detach())
-    return _masked_batch_sum(per_sample, mask) / source_feat.shape[0]
-
-
-def hcl_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor],
-             levels: Sequence[int] = (4, 2, 1)) -> torch.Tensor:
-    """ReviewKD hierarchical context loss, summed over (fused student, teacher) feature pairs.
-
-    Per pair: MSE at full resolution (weight 1) plus MSE after adaptive average pooling to each
-    ``l x l`` in ``levels``, the k-th used level weighted 2^-k, all divided by the sum of the
-    weights. As in the ReviewKD code, a level ``l >= H`` is skipped (pooling would not coarsen the
-    map) and does not consume a weight. Teacher features are detached.
-    """
-    if len(student_feats) != len(teacher_feats) or len(student_feats) == 0:
-        raise ValueError(f"hcl_loss: expected equally many student and teacher features (>= 1), got "
-                         f"{len(student_feats)} and {len(teacher_feats)}")
-    if any(int(l) != l or l < 1 for l in levels):
-        raise ValueError(f"hcl_loss: pyramid levels must be positive integers, got {tuple(levels)}")
-    total = None
-    for i, (fs, ft) in enumerate(zip(student_feats, teacher_feats)):
-        if fs.dim() != 4:
-            raise ValueError(f"hcl_loss: pair {i} must be [B, C, H, W] maps, got {tuple(fs.shape)}")
-        _check_feature_pair(fs, ft, f"hcl_loss pair {i}")
-        ft = ft.detach()
-        loss = F.mse_loss(fs, ft)
-        weight, weight_sum = 1.0, 1.0
-        for level in levels:
-            if level >= fs.shape[2]:
-                continue
-            weight /= 2.0
-            loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(fs, level), F.adaptive_avg_pool2d(ft, level))
-            weight_sum += weight
-        total = loss / weight_sum if total is None else total + loss / weight_sum
-    return total
-
-
-def _pool_to_smaller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Average-pool the spatially larger of two ``[B, C, H, W]`` maps to the other's size (AT/FSP code)."""
-    if a.dim() != 4 or b.dim() != 4:
-        raise ValueError(f"expected [B, C, H, W] maps, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.shape[-2:] == b.shape[-2:]:
-        return a, b
-    size = (min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1]))
-    return F.adaptive_avg_pool2d(a, size), F.adaptive_avg_pool2d(b, size)
-
-
-def attention_map(feat: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """Spatial attention of Attention Transfer: ``normalize(mean_c |f|^p)`` per sample, ``[B, H*W]``.
-
-    The channel mean of ``f.pow(p)`` (as the AT, CRD and mdistiller code write it: for even ``p`` it
-    equals ``|f|^p``), flattened and L2-normalised, so maps of networks of different widths compare.
-    """
-    if feat.dim() != 4:
-        raise ValueError(f"attention_map: expected a [B, C, H, W] map, got {tuple(feat.shape)}")
-    return F.normalize(feat.pow(p).mean(1).flatten(1), dim=1)
-
-
-def at_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor],
-            p: float = 2.0) -> torch.Tensor:
-    """Attention Transfer (Zagoruyko & Komodakis, ICLR 2017), summed over (student, teacher) pairs.
-
-    Per pair: the larger map is average-pooled to the smaller's resolution, then the mean over batch
-    and positions of the squared difference of the two attention maps (the CRD/mdistiller form;
-    the 1000x weight of their CIFAR-100 benchmark is the caller's). Teacher maps are detached.
-    """
-    if len(student_feats) != len(teacher_feats) or len(student_feats) == 0:
-        raise ValueError(f"at_loss: expected equally many student and teacher features (>= 1), got "
-                         f"{len(student_feats)} and {len(teacher_feats)}")
-    total = None
-    for i, (fs, ft) in enumerate(zip(student_feats, teacher_feats)):
-        if fs.shape[0] != ft.shape[0]:
-            raise ValueError(f"at_loss pair {i}: batch sizes differ ({fs.shape[0]} vs {ft.shape[0]})")
-        fs, ft = _pool_to_smaller(fs, ft.detach())
-        loss = (attention_map(fs, p) - attention_map(ft, p)).pow(2).mean()
-        total = loss if total is None else total + loss
-    return total
-
-
-def fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """Flow of Solution Procedure (Yim et al., CVPR 2017): ``G[b, i, j] = mean_xy bottom[b,i,x,y] * top[b,j,x,y]``.
-
-    The Gram matrix between the feature entering and the feature leaving a stretch of the network,
-    ``[B, C_bottom, C_top]``; the larger map is average-pooled to the smaller's resolution first.
-    """
-    bottom, top = _pool_to_smaller(bottom, top)
-    return torch.einsum("bihw,bjhw->bij", bottom, top) / (bottom.shape[-2] * bottom.shape[-1])
-
-
-def fsp_loss(student_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
-             teacher_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """FSP distillation: per (bottom, top) pair the mean squared difference of the FSP matrices, summed.
-
-    Student and teacher matrices must have the same ``[C_bottom, C_top]`` shape (adapt the
-    student's channels first when the architectures differ). Teacher matrices are detached.
-    """
-    if len(student_pairs) != len(teacher_pairs) or len(student_pairs) == 0:
-        raise ValueError(f"fsp_loss: expected equally many student and teacher pairs (>= 1), got "
-                         f"{len(student_pairs)} and {len(teacher_pairs)}")
-    total = None
-    for i, ((sb, st), (tb, tt)) in enumerate(zip(student_pairs, teacher_pairs)):
-        gs, gt = fsp_matrix(sb, st), fsp_matrix(tb.detach(), tt.detach())
-        if gs.shape != gt.shape:
-            raise ValueError(f"fsp_loss pair {i}: FSP matrices {tuple(gs.shape)} and {tuple(gt.shape)} differ "
-                             f"(adapt the student's channels to the teacher's first)")
-        loss = (gs - gt).pow(2).mean()
-        total = loss if total is None else total + loss
-    return total
