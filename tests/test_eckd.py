@@ -18,9 +18,9 @@ from distill2deploy.methods import TeacherOutput, get_method
 from distill2deploy.methods.eckd import augmented_view
 from distill2deploy.models.factory import extract
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SAMPLE_NPZ = SHARED / "data" / "cifar100_sample.npz"
-TEACHER_WEIGHTS = SHARED / "weights" / "cifar100_resnet56.pth"
+from .conftest import SAMPLE_NPZ, WEIGHTS
+
+TEACHER_WEIGHTS = WEIGHTS / "cifar100_resnet56.pth"
 B, C = 8, 100
 MASK_KEYS = ("trsr", "trsw", "twsr", "twsw")
 
@@ -69,8 +69,9 @@ def test_frozen_teacher_gets_no_gradient(name, options):
     assert list(specs) == ["student"]
     assert not teacher_ids & {id(p) for p in specs["student"].params}
     method.train()
-    x, y = _batch()
-    out = method(x, y, _frozen_outputs(method, x), 0.0)  # eckd_r runs the teacher itself on the rotated view
+    x, y = method.views(*_batch())  # as the trainer does: eckd_r's frozen teacher sees the rotated view too
+    assert x.shape[0] == (2 * B if name == "eckd_r" else B)
+    out = method(x, y, _frozen_outputs(method, x), 0.0)
     out.loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in method.student.parameters())
@@ -174,10 +175,13 @@ def test_switches_change_behaviour():
 
     full, _ = _build("eckd_r", {"bidirectional": False, "augment": "rotate"})
     assert full.teacher_feature_indices() == [1, 2, 3]  # ResNet-20 stages paired with MobileNetV2 3, 5, 7
-    lv = full.step(x, y, _frozen_outputs(full, x))
+    xv, yv = full.views(x, y)
+    lv = full.step(xv, yv, _frozen_outputs(full, xv))
     assert lv.batch == B and lv.student_logits[-1].shape[0] == 2 * B and torch.equal(lv.labels, y.repeat(2))
     assert len(lv.masks) == 4
-    out = full(x, y, _frozen_outputs(full, x), 0.0)
+    with pytest.raises(ValueError, match="views"):  # a frozen teacher that missed the view is a caller bug
+        full.step(xv, yv, _frozen_outputs(full, x))
+    out = full(xv, yv, _frozen_outputs(full, xv), 0.0)
     assert {"aux_ce", "teacher_aux_ce", "ec", "l1_trsw", "l3_twsr"} <= set(out.logs)
 
     f_all, _ = _build("eckd_f", {"use_ec": False})

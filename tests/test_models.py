@@ -23,9 +23,9 @@ from distill2deploy.models import (
     stage_count,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-WEIGHTS = SHARED / "weights"
-SAMPLE = SHARED / "data" / "cifar100_sample.npz"
+from .conftest import SAMPLE_NPZ as SAMPLE
+from .conftest import WEIGHTS
+
 needs_weights = pytest.mark.skipif(not (WEIGHTS / "cifar100_resnet56.pth").is_file(),
                                    reason=f"shared weights not found under {WEIGHTS}")
 needs_sample = pytest.mark.skipif(not SAMPLE.is_file(), reason=f"CIFAR-100 sample not found at {SAMPLE}")

@@ -4,6 +4,15 @@ A method is an ``nn.Module`` that owns everything it *trains* (the student, auxi
 adapters, and, in online/bidirectional modes, the teachers). Frozen teachers are handed to it but
 deliberately not registered as submodules: the trainer runs them without autograd and keeps
 them out of DDP and out of the training checkpoint.
+
+The contract, the same for every method:
+
+* :meth:`DistillMethod.check_options` -- the one check of its options, run when the config loads
+  (through :meth:`~DistillMethod.parse_options`); a subclass extends it and calls ``super()``;
+* :meth:`DistillMethod.views` -- the batch the frozen teachers and the method see (the loaded images,
+  or with extra augmented views appended);
+* :meth:`DistillMethod.compute_terms` -- the step's unweighted loss terms and their weights
+  (:class:`LossTerms`); the base :meth:`~DistillMethod.forward` sums and logs them.
 """
 from __future__ import annotations
 
@@ -43,6 +52,22 @@ class StepOutput:
 
 
 @dataclass
+class LossTerms:
+    """One step's loss terms as a method computes them; the base class weights, sums and logs them.
+
+    ``terms`` are unweighted and keep their graph (tests take gradients of single terms); every term
+    needs an entry in ``weights`` (a weight of 0 keeps a term in the graph, so its parameters still get
+    a gradient, as DDP needs). ``logits`` are the student's on the loaded images (not on extra views);
+    ``diagnostics`` are detached scalars logged as they are (e.g. mask fractions).
+    """
+
+    logits: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    weights: dict[str, float]
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
 class EmptyOptions:
     pass
 
@@ -79,18 +104,16 @@ class DistillMethod(nn.Module):
 
     @classmethod
     def parse_options(cls, options: dict[str, Any]) -> Any:
-        """Typed options from the config's mapping, range-checked when the config loads."""
-        return cls.validate_options(_schema.parse(cls.Options, options, where="distill.options"))
+        """Typed options from the config's mapping, checked (:meth:`check_options`) when the config loads."""
+        parsed = _schema.parse(cls.Options, options, where="distill.options")
+        cls.check_options(parsed)
+        return parsed
 
     @classmethod
-    def validate_options(cls, options: Any) -> Any:
+    def check_options(cls, options: Any) -> None:
+        """The method's options check: number ranges (:func:`check_numbers` with ``positive_options``);
+        a method with cross-field rules extends it, calling ``super().check_options(options)`` first."""
         check_numbers(options, positive=cls.positive_options)
-        return cls.check_options(options)
-
-    @classmethod
-    def check_options(cls, options: Any) -> Any:
-        """Cross-field checks a method needs beyond the number ranges (override; return ``options``)."""
-        return options
 
     @classmethod
     def options_dict(cls, options: Any) -> dict[str, Any]:
@@ -119,10 +142,30 @@ class DistillMethod(nn.Module):
         logged every epoch and their weights are saved next to the student's (never exported)."""
         return {}
 
+    def views(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch the frozen teachers and :meth:`compute_terms` see: the loaded images by default; a
+        method that trains on extra augmented views appends them here (rows after the first ``B`` are
+        views), so the trainer runs the frozen teachers on them in the same pass."""
+        return images, labels
+
+    def compute_terms(self, images: torch.Tensor, labels: torch.Tensor, teacher_outputs: list[TeacherOutput],
+                      progress: float) -> LossTerms:
+        """One step's loss terms and weights on :meth:`views`' batch. ``progress`` is the fractional
+        epoch (for warm-ups)."""
+        raise NotImplementedError
+
     def forward(self, images: torch.Tensor, labels: torch.Tensor, teacher_outputs: list[TeacherOutput],
                 progress: float) -> StepOutput:
-        """One step's losses. ``progress`` is the fractional epoch (for warm-ups)."""
-        raise NotImplementedError
+        """The weighted sum of :meth:`compute_terms`; every term and diagnostic is logged.
+
+        In bidirectional methods the student's and the teacher's terms are summed: their cross terms
+        are detached, so one backward gives each network its own gradient.
+        """
+        out = self.compute_terms(images, labels, teacher_outputs, progress)
+        loss = sum(out.weights[k] * v for k, v in out.terms.items())
+        logs = {k: v.detach() for k, v in out.terms.items()}
+        logs.update(out.diagnostics)
+        return StepOutput(loss=loss, logits=out.logits, logs=logs)
 
 
 def check_numbers(options: Any, where: str = "distill.options",

@@ -1,4 +1,4 @@
-"""What the methods share: option range checks, final-level diagnostics, and *levels*.
+"""What the methods share: final-level diagnostics, the optional KD term, and *levels*.
 
 A level is a pair of intermediate stages of teacher and student. Auxiliary heads and adapters on
 levels are sized from the features' real shapes (one dry forward pass), never hard-coded per
@@ -34,15 +34,13 @@ def teacher_diagnostics(teacher_logits: Tensor, student_logits: Tensor, labels: 
     return mask_logs(losses.error_masks(teacher_logits, student_logits, labels))
 
 
-def optional_kd(loss: Tensor, logs: dict[str, Tensor], logits: Tensor, teacher_logits: Tensor, weight: float,
-                temperature: float) -> Tensor:
-    """``loss + weight * KD`` (logged as ``kd``) when ``weight > 0``: the optional Hinton term that the
-    feature methods (FitNet, AT, FSP, ReviewKD) offer on top of their feature loss."""
-    if weight <= 0:
-        return loss
-    kd = losses.kd_loss(logits, teacher_logits, temperature)
-    logs["kd"] = kd.detach()
-    return loss + weight * kd
+def optional_kd(terms: dict[str, Tensor], weights: dict[str, float], logits: Tensor, teacher_logits: Tensor,
+                weight: float, temperature: float) -> None:
+    """Add the term ``kd`` at ``weight`` when ``weight > 0``: the optional Hinton term that the feature
+    methods (FitNet, AT, FSP, ReviewKD) offer on top of their feature loss."""
+    if weight > 0:
+        terms["kd"] = losses.kd_loss(logits, teacher_logits, temperature)
+        weights["kd"] = weight
 
 
 # The ECKD thesis's student stages of the CIFAR MobileNetV2s (teacher stages are 1..n). See

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .. import losses
 from .._schema import doc
 from ..models.factory import extract
-from ._base import DistillMethod, StepOutput, TeacherOutput
+from ._base import DistillMethod, LossTerms, TeacherOutput
 from ._levels import check_levels, default_levels, optional_kd, require_levels, teacher_diagnostics
 from ._registry import register_method
 
@@ -47,9 +47,9 @@ class AT(DistillMethod):
     positive_options = ("temperature", "p")
 
     @classmethod
-    def check_options(cls, options: Any) -> Any:
+    def check_options(cls, options: Any) -> None:
+        super().check_options(options)
         require_levels(options.levels)
-        return options
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], options: ATOptions, *, num_classes: int,
                  input_size: int) -> None:
@@ -61,15 +61,13 @@ class AT(DistillMethod):
     def teacher_feature_indices(self) -> list[int] | None:
         return [t for t, _ in self.pairs]
 
-    def forward(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
-                progress: float) -> StepOutput:
+    def compute_terms(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
+                      progress: float) -> LossTerms:
         o: ATOptions = self.options
         logits, features = extract(self.student, images, [s for _, s in self.pairs])
         teacher = teacher_outputs[0]
-        ce = F.cross_entropy(logits, labels)
-        at = losses.at_loss(features, [t.to(f.dtype) for t, f in zip(teacher.features, features)], o.p)
-        loss = o.ce_weight * ce + o.feature_weight * at
-        logs = {"ce": ce.detach(), "at": at.detach()}
-        loss = optional_kd(loss, logs, logits, teacher.logits, o.kd_weight, o.temperature)
-        logs.update(teacher_diagnostics(teacher.logits, logits, labels))
-        return StepOutput(loss=loss, logits=logits, logs=logs)
+        terms = {"ce": F.cross_entropy(logits, labels),
+                 "at": losses.at_loss(features, [t.to(f.dtype) for t, f in zip(teacher.features, features)], o.p)}
+        weights = {"ce": o.ce_weight, "at": o.feature_weight}
+        optional_kd(terms, weights, logits, teacher.logits, o.kd_weight, o.temperature)
+        return LossTerms(logits, terms, weights, teacher_diagnostics(teacher.logits, logits, labels))

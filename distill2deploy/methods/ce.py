@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._base import DistillMethod, StepOutput, TeacherOutput
+from ._base import DistillMethod, LossTerms, TeacherOutput
 from ._registry import register_method
 
 
@@ -13,8 +13,7 @@ class CrossEntropy(DistillMethod):
     name = "ce"
     uses_teacher = False
 
-    def forward(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
-                progress: float) -> StepOutput:
+    def compute_terms(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
+                      progress: float) -> LossTerms:
         logits = self.student(images)
-        loss = F.cross_entropy(logits, labels)
-        return StepOutput(loss=loss, logits=logits, logs={"ce": loss.detach()})
+        return LossTerms(logits, {"ce": F.cross_entropy(logits, labels)}, {"ce": 1.0})

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import losses
 from .._schema import doc
-from ._base import DistillMethod, StepOutput, TeacherOutput
+from ._base import DistillMethod, LossTerms, TeacherOutput
 from ._levels import teacher_diagnostics
 from ._registry import register_method
 
@@ -38,15 +38,14 @@ class DKD(DistillMethod):
     name = "dkd"
     Options = DKDOptions
 
-    def forward(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
-                progress: float) -> StepOutput:
+    def compute_terms(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
+                      progress: float) -> LossTerms:
         o: DKDOptions = self.options
         logits = self.student(images)
         teacher_logits = teacher_outputs[0].logits
-        ce = F.cross_entropy(logits, labels)
         tckd, nckd = losses.dkd_terms(logits, teacher_logits, labels, o.temperature)
-        dkd = losses.dkd_warmup(progress, o.warmup_epochs) * (o.alpha * tckd + o.beta * nckd)
-        loss = o.ce_weight * ce + dkd
-        logs = {"ce": ce.detach(), "tckd": tckd.detach(), "nckd": nckd.detach(), "dkd": dkd.detach(),
-                **teacher_diagnostics(teacher_logits, logits, labels)}
-        return StepOutput(loss=loss, logits=logits, logs=logs)
+        warmup = losses.dkd_warmup(progress, o.warmup_epochs)
+        dkd = (warmup * (o.alpha * tckd + o.beta * nckd)).detach()  # the weighted DKD term, logged
+        return LossTerms(logits, {"ce": F.cross_entropy(logits, labels), "tckd": tckd, "nckd": nckd},
+                         {"ce": o.ce_weight, "tckd": warmup * o.alpha, "nckd": warmup * o.beta},
+                         {"dkd": dkd, **teacher_diagnostics(teacher_logits, logits, labels)})

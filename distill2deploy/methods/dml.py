@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import timm
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -24,7 +23,7 @@ from .. import losses
 from .._schema import doc
 from ..errors import UserError
 from ..models.factory import create_model
-from ._base import DistillMethod, OptimizerSpec, StepOutput, TeacherOutput
+from ._base import DistillMethod, LossTerms, OptimizerSpec, TeacherOutput
 from ._levels import architecture, teacher_diagnostics
 from ._registry import register_method
 
@@ -39,17 +38,6 @@ class DMLOptions:
     temperature: float = doc(1.0, "softmax temperature of the mutual KL terms (DML uses 1)")
     ce_weight: float = doc(1.0, "weight of each network's label cross-entropy")
     kd_weight: float = doc(1.0, "weight of each network's mutual KL term")
-
-
-def _check_options(options: DMLOptions, where: str = "distill.options") -> DMLOptions:
-    if options.peers.count(TEACHER) > 1:
-        raise UserError("'teacher' is listed more than once; there is one teacher network",
-                        where=f"{where}.peers", fix="list 'teacher' at most once")
-    for i, name in enumerate(options.peers):
-        if not name.strip():
-            raise UserError("empty peer name", where=f"{where}.peers[{i}]",
-                            fix="give a timm model name (e.g. resnet20_cifar) or 'teacher'")
-    return options
 
 
 def _fresh_copy(student: nn.Module, num_classes: int, role: str) -> nn.Module:
@@ -76,8 +64,15 @@ class DML(DistillMethod):
     uses_teacher = False  # per instance: true when the options list 'teacher' (see needs_teacher)
 
     @classmethod
-    def check_options(cls, options: Any) -> Any:
-        return _check_options(options)
+    def check_options(cls, options: Any) -> None:
+        super().check_options(options)
+        if options.peers.count(TEACHER) > 1:
+            raise UserError("'teacher' is listed more than once; there is one teacher network",
+                            where="distill.options.peers", fix="list 'teacher' at most once")
+        for i, name in enumerate(options.peers):
+            if not name.strip():
+                raise UserError("empty peer name", where=f"distill.options.peers[{i}]",
+                                fix="give a timm model name (e.g. resnet20_cifar) or 'teacher'")
 
     @classmethod
     def needs_teacher(cls, options: Any) -> bool:
@@ -110,20 +105,18 @@ class DML(DistillMethod):
     def extra_eval_models(self) -> dict[str, nn.Module]:
         return dict(self.peers.items())
 
-    def forward(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
-                progress: float) -> StepOutput:
+    def compute_terms(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
+                      progress: float) -> LossTerms:
         o: DMLOptions = self.options
         names = ["student", *self.peers.keys()]
         outputs = [self.student(images), *(peer(images) for peer in self.peers.values())]
-        total = torch.zeros((), device=images.device)
-        logs: dict[str, Tensor] = {}
+        terms: dict[str, Tensor] = {}
+        weights: dict[str, float] = {}
         for i, (name, logits) in enumerate(zip(names, outputs)):
-            ce = F.cross_entropy(logits, labels)
-            mutual = losses.dml_loss(logits, [p for j, p in enumerate(outputs) if j != i], o.temperature)
-            total = total + o.ce_weight * ce + o.kd_weight * mutual
             prefix = "" if name == "student" else f"{name}_"
-            logs[f"{prefix}ce"] = ce.detach()
-            logs[f"{prefix}dml"] = mutual.detach()
+            terms[f"{prefix}ce"] = F.cross_entropy(logits, labels)
+            terms[f"{prefix}dml"] = losses.dml_loss(logits, [p for j, p in enumerate(outputs) if j != i],
+                                                    o.temperature)
+            weights.update({f"{prefix}ce": o.ce_weight, f"{prefix}dml": o.kd_weight})
         # Diagnostics: the first peer plays the teacher's part in the right/wrong fractions.
-        logs.update(teacher_diagnostics(outputs[1], outputs[0], labels))
-        return StepOutput(loss=total, logits=outputs[0], logs=logs)
+        return LossTerms(outputs[0], terms, weights, teacher_diagnostics(outputs[1], outputs[0], labels))

@@ -10,7 +10,8 @@ variants need:
   optimizer at ``teacher_lr``; in one-way mode it stays a frozen teacher of the trainer (run
   without autograd, outside DDP), and its auxiliary heads are trained as probes on its detached
   features, because the masks need a per-level teacher prediction;
-* the optional extra augmented view of the batch, the per-level masks and their diagnostics.
+* the optional extra augmented view of the batch (:meth:`ECKDBase.views`: the trainer runs a frozen
+  teacher on it with the loaded images), the per-level masks and their diagnostics.
 
 The auxiliary heads and adapters live in the method module, never in the student, so the exported
 student is exactly the plain architecture.
@@ -28,7 +29,7 @@ from .. import losses
 from .._schema import doc
 from ..errors import UserError
 from ..models.factory import extract
-from ._base import DistillMethod, OptimizerSpec, StepOutput, TeacherOutput
+from ._base import DistillMethod, LossTerms, OptimizerSpec, TeacherOutput
 from ._levels import aux_head, check_levels, default_levels, feature_shapes, mask_logs
 
 AUGMENTS = ("none", "rotate", "flip")
@@ -187,18 +188,21 @@ class ECKDBase(DistillMethod):
         return {"teacher": self.teacher} if self.bidirectional else {}
 
     # --- one step ------------------------------------------------------------------------------
-    def step(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
+    def views(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The loaded images, then (with ``augment``) their augmented view: both networks see both."""
+        view = augmented_view(images, self.options.augment)
+        return (images, labels) if view is None else (torch.cat([images, view]), labels.repeat(2))
+
+    def step(self, x: Tensor, y: Tensor, teacher_outputs: list[TeacherOutput],
              progress: float = float("inf")) -> LevelOutputs:
-        """Run the views through both networks and heads; masks per level (no gradient).
+        """Run :meth:`views`' batch through both networks and heads; masks per level (no gradient).
 
         While ``progress`` (the fractional epoch) is below ``teacher_probe_epochs``, the co-trained
         teacher's features are detached before its heads (and ECKD-F's adapters) see them.
         """
-        batch = images.shape[0]
-        view = augmented_view(images, self.options.augment)
-        x, y = (images, labels) if view is None else (torch.cat([images, view]), labels.repeat(2))
+        batch = x.shape[0] // (1 if self.options.augment == "none" else 2)
         s_logits, s_feats = extract(self.student, x, self.student_indices)
-        t_logits, t_feats = self._teacher_forward(x, batch, teacher_outputs)
+        t_logits, t_feats = self._teacher_forward(x, teacher_outputs)
         if self.bidirectional and progress < self.options.teacher_probe_epochs:
             t_feats = [f.detach() for f in t_feats]
         s_levels = [h(f) for h, f in zip(self.student_heads, s_feats)] + [s_logits]
@@ -208,8 +212,7 @@ class ECKDBase(DistillMethod):
         return LevelOutputs(labels=y, batch=batch, student_logits=s_levels, teacher_logits=t_levels,
                             student_feats=s_feats, teacher_feats=t_feats, masks=masks)
 
-    def _teacher_forward(self, x: Tensor, batch: int, teacher_outputs: list[TeacherOutput]
-                         ) -> tuple[Tensor, list[Tensor]]:
+    def _teacher_forward(self, x: Tensor, teacher_outputs: list[TeacherOutput]) -> tuple[Tensor, list[Tensor]]:
         if self.bidirectional:
             return extract(self.teacher, x, self.teacher_indices)
         if len(teacher_outputs) != 1:
@@ -218,11 +221,9 @@ class ECKDBase(DistillMethod):
         if len(feats) != len(self.level_pairs):
             raise ValueError(f"{self.name}: the frozen teacher returned {len(feats)} features, expected "
                              f"{len(self.level_pairs)} (stages teacher_feature_indices())")
-        if x.shape[0] > batch:  # the trainer ran the frozen teacher on the original images only
-            with torch.no_grad():
-                v_logits, v_feats = extract(self._frozen_teachers[0], x[batch:], self.teacher_indices)
-            logits = torch.cat([logits, v_logits.to(logits.dtype)])
-            feats = [torch.cat([f, v.to(f.dtype)]) for f, v in zip(feats, v_feats)]
+        if logits.shape[0] != x.shape[0]:
+            raise ValueError(f"{self.name}: the frozen teacher saw {logits.shape[0]} images, the step {x.shape[0]} "
+                             "(run it on views())")
         return logits.detach(), [f.detach() for f in feats]
 
     def common_terms(self, lv: LevelOutputs) -> dict[str, Tensor]:
@@ -262,17 +263,13 @@ class ECKDBase(DistillMethod):
             out.update(mask_logs(losses.ErrorMasks(*(m[:b] for m in masks)), prefix=f"l{k}_"))
         return out
 
-    def forward(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
-                progress: float) -> StepOutput:
+    def compute_terms(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
+                      progress: float) -> LossTerms:
         lv = self.step(images, labels, teacher_outputs, progress)
         terms = self.loss_terms(lv)
         weights = self.loss_weights()
-        # Student and teacher losses summed: their cross terms are detached, so one backward gives
-        # each network its own gradient.
-        loss = sum(weights[k] * v for k, v in terms.items())
-        logs = {k: v.detach() for k, v in terms.items()}
-        logs.update(self.diagnostics(lv))
-        return StepOutput(loss=loss, logits=lv.student_logits[-1][:lv.batch], logs=logs)
+        return LossTerms(lv.student_logits[-1][:lv.batch], terms, {k: weights[k] for k in terms},
+                         self.diagnostics(lv))
 
 
 def _params(modules: list[nn.Module]) -> list[nn.Parameter]:

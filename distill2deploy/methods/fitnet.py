@@ -24,7 +24,7 @@ from .. import losses
 from .._schema import doc
 from ..errors import UserError
 from ..models.factory import extract
-from ._base import DistillMethod, StepOutput, TeacherOutput
+from ._base import DistillMethod, LossTerms, TeacherOutput
 from ._levels import (adapter, check_levels, default_levels, feature_shapes, match_size,
                       optional_kd, teacher_diagnostics)
 from ._registry import register_method
@@ -38,13 +38,6 @@ class FitNetOptions:
     ce_weight: float = doc(1.0, "weight of the label cross-entropy")
     kd_weight: float = doc(0.0, "weight of an optional Hinton KD term (0: pure FitNet)")
     temperature: float = doc(4.0, "softmax temperature of the optional KD term")
-
-
-def _check_options(options: FitNetOptions, where: str = "distill.options") -> FitNetOptions:
-    if options.hint is not None and len(options.hint) != 2:
-        raise UserError(f"hint must be one [teacher_stage, student_stage] pair, got {options.hint!r}",
-                        where=f"{where}.hint", fix="e.g. hint: [2, 5], or null for the default pair")
-    return options
 
 
 def resolve_hint(hint: list[int] | None, teacher: nn.Module, student: nn.Module) -> tuple[int, int]:
@@ -64,8 +57,11 @@ class FitNet(DistillMethod):
     Options = FitNetOptions
 
     @classmethod
-    def check_options(cls, options: Any) -> Any:
-        return _check_options(options)
+    def check_options(cls, options: Any) -> None:
+        super().check_options(options)
+        if options.hint is not None and len(options.hint) != 2:
+            raise UserError(f"hint must be one [teacher_stage, student_stage] pair, got {options.hint!r}",
+                            where="distill.options.hint", fix="e.g. hint: [2, 5], or null for the default pair")
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], options: FitNetOptions, *, num_classes: int,
                  input_size: int) -> None:
@@ -84,16 +80,14 @@ class FitNet(DistillMethod):
         """The student's hint feature mapped to the teacher's channels and spatial size."""
         return match_size(self.regressor(student_feature), self.teacher_size)
 
-    def forward(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
-                progress: float) -> StepOutput:
+    def compute_terms(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
+                      progress: float) -> LossTerms:
         o: FitNetOptions = self.options
         logits, (feature,) = extract(self.student, images, [self.hint[1]])
         teacher = teacher_outputs[0]
-        ce = F.cross_entropy(logits, labels)
         regressed = self.regress(feature)
-        hint = losses.fitnet_loss(regressed, teacher.features[0].to(regressed.dtype))
-        loss = o.ce_weight * ce + o.feature_weight * hint
-        logs = {"ce": ce.detach(), "fitnet": hint.detach()}
-        loss = optional_kd(loss, logs, logits, teacher.logits, o.kd_weight, o.temperature)
-        logs.update(teacher_diagnostics(teacher.logits, logits, labels))
-        return StepOutput(loss=loss, logits=logits, logs=logs)
+        terms = {"ce": F.cross_entropy(logits, labels),
+                 "fitnet": losses.fitnet_loss(regressed, teacher.features[0].to(regressed.dtype))}
+        weights = {"ce": o.ce_weight, "fitnet": o.feature_weight}
+        optional_kd(terms, weights, logits, teacher.logits, o.kd_weight, o.temperature)
+        return LossTerms(logits, terms, weights, teacher_diagnostics(teacher.logits, logits, labels))

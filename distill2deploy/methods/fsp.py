@@ -32,7 +32,7 @@ from .. import losses
 from .._schema import doc
 from ..errors import UserError
 from ..models.factory import extract
-from ._base import DistillMethod, StepOutput, TeacherOutput
+from ._base import DistillMethod, LossTerms, TeacherOutput
 from ._levels import (adapter, check_levels, default_levels, feature_shapes, optional_kd, require_levels,
                       teacher_diagnostics)
 from ._registry import register_method
@@ -60,7 +60,8 @@ class FSP(DistillMethod):
     Options = FSPOptions
 
     @classmethod
-    def check_options(cls, options: Any) -> Any:
+    def check_options(cls, options: Any) -> None:
+        super().check_options(options)
         where = "distill.options"
         require_levels(options.levels, 2, example="[[0, 0], [1, 3], [2, 5], [3, 7]]")  # two points: one stretch
         if options.init_epochs > 0 and options.init_weight == 0:
@@ -71,7 +72,6 @@ class FSP(DistillMethod):
                             where=f"{where}.feature_weight",
                             fix="set feature_weight > 0 (joint loss) or init_epochs > 0 (two-stage schedule), "
                             "or use distill.method: ce")
-        return options
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], options: FSPOptions, *, num_classes: int,
                  input_size: int) -> None:
@@ -93,21 +93,19 @@ class FSP(DistillMethod):
     def teacher_feature_indices(self) -> list[int] | None:
         return [t for t, _ in self.points]
 
-    def forward(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
-                progress: float) -> StepOutput:
+    def compute_terms(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
+                      progress: float) -> LossTerms:
         o: FSPOptions = self.options
         logits, features = extract(self.student, images, [s for _, s in self.points])
         teacher = teacher_outputs[0]
         adapted = [a(f) for a, f in zip(self.adapters, features)]
         targets = [t.to(f.dtype) for t, f in zip(teacher.features, adapted)]
-        fsp = losses.fsp_loss(list(zip(adapted, adapted[1:])), list(zip(targets, targets[1:])))
-        ce = F.cross_entropy(logits, labels)
-        logs = {"ce": ce.detach(), "fsp": fsp.detach()}
-        # First stage: FSP alone; CE stays in the graph at weight 0 (every parameter gets a gradient)
-        # and KD is computed but not used, so every step logs the same keys.
-        init = progress < o.init_epochs
-        loss = (0.0 if init else o.ce_weight) * ce + (o.init_weight if init else o.feature_weight) * fsp
-        with_kd = optional_kd(loss, logs, logits, teacher.logits, o.kd_weight, o.temperature)
-        loss = loss if init else with_kd
-        logs.update(teacher_diagnostics(teacher.logits, logits, labels))
-        return StepOutput(loss=loss, logits=logits, logs=logs)
+        terms = {"ce": F.cross_entropy(logits, labels),
+                 "fsp": losses.fsp_loss(list(zip(adapted, adapted[1:])), list(zip(targets, targets[1:])))}
+        # First stage: FSP alone; CE (and KD) stay in the graph at weight 0, so every parameter gets a
+        # gradient and every step logs the same keys.
+        weights = {"ce": o.ce_weight, "fsp": o.feature_weight}
+        optional_kd(terms, weights, logits, teacher.logits, o.kd_weight, o.temperature)
+        if progress < o.init_epochs:
+            weights = {**{k: 0.0 for k in weights}, "fsp": o.init_weight}
+        return LossTerms(logits, terms, weights, teacher_diagnostics(teacher.logits, logits, labels))

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import losses
 from .._schema import doc
-from ._base import DistillMethod, StepOutput, TeacherOutput
+from ._base import DistillMethod, LossTerms, TeacherOutput
 from ._levels import teacher_diagnostics
 from ._registry import register_method
 
@@ -25,13 +25,11 @@ class KD(DistillMethod):
     name = "kd"
     Options = KDOptions
 
-    def forward(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
-                progress: float) -> StepOutput:
+    def compute_terms(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
+                      progress: float) -> LossTerms:
         o: KDOptions = self.options
         logits = self.student(images)
         teacher_logits = teacher_outputs[0].logits
-        ce = F.cross_entropy(logits, labels)
-        kd = losses.kd_loss(logits, teacher_logits, o.temperature)
-        loss = o.ce_weight * ce + o.kd_weight * kd
-        logs = {"ce": ce.detach(), "kd": kd.detach(), **teacher_diagnostics(teacher_logits, logits, labels)}
-        return StepOutput(loss=loss, logits=logits, logs=logs)
+        terms = {"ce": F.cross_entropy(logits, labels), "kd": losses.kd_loss(logits, teacher_logits, o.temperature)}
+        return LossTerms(logits, terms, {"ce": o.ce_weight, "kd": o.kd_weight},
+                         teacher_diagnostics(teacher_logits, logits, labels))

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .. import losses
 from .._schema import doc
-from ._base import DistillMethod, StepOutput, TeacherOutput
+from ._base import DistillMethod, LossTerms, TeacherOutput
 from ._levels import mask_logs
 from ._registry import register_method
 
@@ -31,15 +31,12 @@ class KDEC(DistillMethod):
     name = "kd_ec"
     Options = KDECOptions
 
-    def forward(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
-                progress: float) -> StepOutput:
+    def compute_terms(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
+                      progress: float) -> LossTerms:
         o: KDECOptions = self.options
         logits = self.student(images)
         t_logits = teacher_outputs[0].logits
         masks = losses.error_masks(t_logits, logits, labels)
-        ce = F.cross_entropy(logits, labels)
-        kd = losses.kd_loss(logits, t_logits, o.temperature)
-        ec = losses.ec_loss(t_logits, logits, masks.student_correction, o.temperature)
-        loss = o.ce_weight * ce + o.kd_weight * kd + o.ec_weight * ec
-        logs = {"ce": ce.detach(), "kd": kd.detach(), "ec": ec.detach(), **mask_logs(masks)}
-        return StepOutput(loss=loss, logits=logits, logs=logs)
+        terms = {"ce": F.cross_entropy(logits, labels), "kd": losses.kd_loss(logits, t_logits, o.temperature),
+                 "ec": losses.ec_loss(t_logits, logits, masks.student_correction, o.temperature)}
+        return LossTerms(logits, terms, {"ce": o.ce_weight, "kd": o.kd_weight, "ec": o.ec_weight}, mask_logs(masks))

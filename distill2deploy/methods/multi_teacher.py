@@ -26,7 +26,7 @@ from .. import losses
 from .._schema import doc
 from ..errors import UserError, suggest
 from ..models.factory import create_model
-from ._base import DistillMethod, StepOutput, TeacherOutput
+from ._base import DistillMethod, LossTerms, TeacherOutput
 from ._levels import teacher_diagnostics
 from ._registry import register_method
 
@@ -61,38 +61,6 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def _check_options(o: MultiTeacherOptions) -> MultiTeacherOptions:
-    n = 1 + len(o.extra_teachers)
-    if o.weights is not None:
-        if len(o.weights) != n:
-            raise UserError(f"{_count(len(o.weights), 'weight')} given for {_count(n, 'teacher')} (the teacher "
-                            f"stage's network + {len(o.extra_teachers)} extra_teachers)", where=f"{WHERE}.weights",
-                            fix=f"give exactly {_count(n, 'weight')}, the teacher stage's first, or leave weights "
-                            "unset")
-        if any(not math.isfinite(w) or w < 0 for w in o.weights) or sum(o.weights) <= 0:
-            raise UserError(f"weights {o.weights!r} must be non-negative with a positive sum",
-                            where=f"{WHERE}.weights", fix="e.g. [1, 1] for two equally weighted teachers")
-    for i, t in enumerate(o.extra_teachers):
-        where = f"{WHERE}.extra_teachers[{i}]"
-        source, model_id = parse_model_name(t.model)
-        arch = split_model_name_tag(model_id)[0]
-        if not source and not timm.is_model(arch):
-            hint = suggest(arch, timm.list_models())
-            raise UserError(f"unknown model {t.model!r}" + (f" ({hint})" if hint else ""), where=f"{where}.model",
-                            fix="list the available names with timm.list_models('*pattern*')")
-        if t.checkpoint is not None and not Path(t.checkpoint).expanduser().is_file():
-            raise UserError(f"checkpoint file not found: {t.checkpoint}", where=f"{where}.checkpoint",
-                            fix="check the path (relative paths are relative to the working directory)")
-        if t.checkpoint is None and not t.pretrained:
-            raise UserError("this teacher would have random weights (no checkpoint, pretrained: false)",
-                            where=f"{where}.pretrained",
-                            fix="set checkpoint: PATH to its trained weights, or pretrained: true")
-        if t.input_size is not None and t.input_size < 1:
-            raise UserError(f"input_size must be a positive integer, got {t.input_size}",
-                            where=f"{where}.input_size", fix="e.g. 224, or null for the data's size")
-    return o
-
-
 def build_extra_teacher(spec: ExtraTeacher, index: int, *, num_classes: int, input_size: int) -> nn.Module:
     """One frozen extra teacher; factory errors are re-raised naming the config key."""
     role = f"{WHERE}.extra_teachers[{index}]"
@@ -112,37 +80,62 @@ class MultiTeacher(DistillMethod):
     Options = MultiTeacherOptions
 
     @classmethod
-    def check_options(cls, options: Any) -> Any:
-        return _check_options(options)
+    def check_options(cls, options: Any) -> None:
+        """The teacher weights (one per teacher, in the one place they are checked) and the extra teachers."""
+        super().check_options(options)
+        o = options
+        n = 1 + len(o.extra_teachers)
+        if o.weights is not None:
+            if len(o.weights) != n:
+                raise UserError(f"{_count(len(o.weights), 'weight')} given for {_count(n, 'teacher')} (the teacher "
+                                f"stage's network + {len(o.extra_teachers)} extra_teachers)", where=f"{WHERE}.weights",
+                                fix=f"give exactly {_count(n, 'weight')}, the teacher stage's first, or leave weights "
+                                "unset")
+            if any(not math.isfinite(w) or w < 0 for w in o.weights) or sum(o.weights) <= 0:
+                raise UserError(f"weights {o.weights!r} must be non-negative with a positive sum",
+                                where=f"{WHERE}.weights", fix="e.g. [1, 1] for two equally weighted teachers")
+        for i, t in enumerate(o.extra_teachers):
+            where = f"{WHERE}.extra_teachers[{i}]"
+            source, model_id = parse_model_name(t.model)
+            arch = split_model_name_tag(model_id)[0]
+            if not source and not timm.is_model(arch):
+                hint = suggest(arch, timm.list_models())
+                raise UserError(f"unknown model {t.model!r}" + (f" ({hint})" if hint else ""), where=f"{where}.model",
+                                fix="list the available names with timm.list_models('*pattern*')")
+            if t.checkpoint is not None and not Path(t.checkpoint).expanduser().is_file():
+                raise UserError(f"checkpoint file not found: {t.checkpoint}", where=f"{where}.checkpoint",
+                                fix="check the path (relative paths are relative to the working directory)")
+            if t.checkpoint is None and not t.pretrained:
+                raise UserError("this teacher would have random weights (no checkpoint, pretrained: false)",
+                                where=f"{where}.pretrained",
+                                fix="set checkpoint: PATH to its trained weights, or pretrained: true")
+            if t.input_size is not None and t.input_size < 1:
+                raise UserError(f"input_size must be a positive integer, got {t.input_size}",
+                                where=f"{where}.input_size", fix="e.g. 224, or null for the data's size")
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], options: MultiTeacherOptions, *,
                  num_classes: int, input_size: int) -> None:
         super().__init__(student, teachers, options, num_classes=num_classes, input_size=input_size)
-        self.validate_options(options)  # also when built directly, not through parse_options
         for i, spec in enumerate(options.extra_teachers):
             self._frozen_teachers.append(build_extra_teacher(spec, i, num_classes=num_classes,
                                                              input_size=input_size))
         if options.weights is not None and len(options.weights) != len(self._frozen_teachers):
-            raise UserError(f"{_count(len(options.weights), 'weight')} given for "
-                            f"{_count(len(self._frozen_teachers), 'teacher')}", where=f"{WHERE}.weights",
-                            fix=f"give exactly {_count(len(self._frozen_teachers), 'weight')}")
+            raise ValueError(f"multi_teacher: {len(options.weights)} weights for {self.num_teachers} teachers "
+                             "(parse_options checked the count for one teacher stage network)")
 
     @property
     def num_teachers(self) -> int:
         return len(self._frozen_teachers)
 
-    def forward(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
-                progress: float) -> StepOutput:
+    def compute_terms(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
+                      progress: float) -> LossTerms:
         o: MultiTeacherOptions = self.options
         if len(teacher_outputs) != self.num_teachers:
             raise ValueError(f"multi_teacher: expected {self.num_teachers} teacher outputs, got {len(teacher_outputs)}")
         logits = self.student(images)
         targets = losses.multi_teacher_targets([t.logits for t in teacher_outputs], o.temperature, o.weighting,
                                                o.weights)
-        ce = F.cross_entropy(logits, labels)
-        kd = losses.soft_target_kd(logits, targets, o.temperature)
-        loss = o.ce_weight * ce + o.kd_weight * kd
-        logs = {"ce": ce.detach(), "kd": kd.detach()}
+        terms = {"ce": F.cross_entropy(logits, labels), "kd": losses.soft_target_kd(logits, targets, o.temperature)}
         # Right/wrong fractions against the combined target's arg-max (argmax of probabilities = of logits).
-        logs.update(teacher_diagnostics(targets, logits, labels))
-        return StepOutput(loss=loss, logits=logits, logs=logs)
+        return LossTerms(logits, terms, {"ce": o.ce_weight, "kd": o.kd_weight},
+                         teacher_diagnostics(targets, logits, labels))

@@ -40,7 +40,7 @@ from .. import losses
 from .._schema import doc
 from ..errors import UserError
 from ..models.factory import ResizeInput, extract, stage_count
-from ._base import DistillMethod, StepOutput, TeacherOutput
+from ._base import DistillMethod, LossTerms, TeacherOutput
 from ._levels import (check_levels, default_levels, dry_run, feature_shapes, match_size, require_levels,
                       optional_kd, teacher_diagnostics)
 from ._registry import register_method
@@ -61,14 +61,6 @@ class ReviewKDOptions:
     temperature: float = doc(4.0, "softmax temperature of the optional KD term")
     hcl_levels: list[int] = doc([4, 2, 1], "pyramid-pooling sizes of the hierarchical context loss")
     max_mid_channels: int = doc(512, "upper bound of the ABF blocks' fusion width")
-
-
-def _check_options(options: ReviewKDOptions, where: str = "distill.options") -> ReviewKDOptions:
-    if not options.hcl_levels or any(level < 1 for level in options.hcl_levels):
-        raise UserError(f"hcl_levels must be positive pooling sizes, got {options.hcl_levels!r}",
-                        where=f"{where}.hcl_levels", fix="use e.g. [4, 2, 1] (the paper's choice)")
-    require_levels(options.levels, example="[[1, 3], [2, 5], [3, 7]]")
-    return options
 
 
 class ABF(nn.Module):
@@ -129,8 +121,12 @@ class ReviewKD(DistillMethod):
     positive_options = ("temperature", "max_mid_channels")
 
     @classmethod
-    def check_options(cls, options: Any) -> Any:
-        return _check_options(options)
+    def check_options(cls, options: Any) -> None:
+        super().check_options(options)
+        if not options.hcl_levels or any(level < 1 for level in options.hcl_levels):
+            raise UserError(f"hcl_levels must be positive pooling sizes, got {options.hcl_levels!r}",
+                            where="distill.options.hcl_levels", fix="use e.g. [4, 2, 1] (the paper's choice)")
+        require_levels(options.levels, example="[[1, 3], [2, 5], [3, 7]]")
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], options: ReviewKDOptions, *,
                  num_classes: int, input_size: int) -> None:
@@ -178,17 +174,14 @@ class ReviewKD(DistillMethod):
             targets[-1] = F.adaptive_avg_pool2d(targets[-1], 1)
         return targets
 
-    def forward(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
-                progress: float) -> StepOutput:
+    def compute_terms(self, images: Tensor, labels: Tensor, teacher_outputs: list[TeacherOutput],
+                      progress: float) -> LossTerms:
         o: ReviewKDOptions = self.options
         logits, features = student_features(self.student, images, self.student_indices, o.pooled)
         teacher = teacher_outputs[0]
         reviewed = self.review(features)
         targets = [t.to(r.dtype) for t, r in zip(self.teacher_targets(teacher), reviewed)]
-        ce = F.cross_entropy(logits, labels)
-        hcl = losses.hcl_loss(reviewed, targets, levels=o.hcl_levels)
-        loss = o.ce_weight * ce + o.feature_weight * losses.dkd_warmup(progress, o.warmup_epochs) * hcl
-        logs = {"ce": ce.detach(), "hcl": hcl.detach()}
-        loss = optional_kd(loss, logs, logits, teacher.logits, o.kd_weight, o.temperature)
-        logs.update(teacher_diagnostics(teacher.logits, logits, labels))
-        return StepOutput(loss=loss, logits=logits, logs=logs)
+        terms = {"ce": F.cross_entropy(logits, labels), "hcl": losses.hcl_loss(reviewed, targets, levels=o.hcl_levels)}
+        weights = {"ce": o.ce_weight, "hcl": o.feature_weight * losses.dkd_warmup(progress, o.warmup_epochs)}
+        optional_kd(terms, weights, logits, teacher.logits, o.kd_weight, o.temperature)
+        return LossTerms(logits, terms, weights, teacher_diagnostics(teacher.logits, logits, labels))

@@ -110,7 +110,9 @@ class TrainStep:
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, progress: float, *,
                          sync: bool = True, loss_scale: float = 1.0) -> StepOutput:
-        """Teachers, method forward and backward; gradients are all-reduced only when ``sync``."""
+        """The method's views of the batch, frozen teachers on them, method forward and backward;
+        gradients are all-reduced only when ``sync``. ``out.logits`` are the loaded images' logits."""
+        images, labels = self.method.views(images, labels)
         t_out = self.teacher_outputs(images)
         ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
         with ctx:
