@@ -53,7 +53,7 @@ def teacher_outputs(method, images: torch.Tensor) -> list[TeacherOutput]:
     outs = []
     for t in method.frozen_teachers():
         t.eval()
-        logits, feats = extract(t, images, method.teacher_feature_indices())
+        logits, feats = method.run_teacher(t, images)
         outs.append(TeacherOutput(logits=logits, features=feats))
     return outs
 
@@ -285,6 +285,29 @@ def test_reviewkd_shapes_on_two_pairs(student, s_channels):
     assert [f.shape[1] for f in feats] == s_channels[:3]
     assert [tuple(t.shape) for t in targets] == [(2, 16, 32, 32), (2, 32, 16, 16), (2, 64, 8, 8), (2, 64, 1, 1)]
     assert [r.shape for r in reviewed] == [t.shape for t in targets]
+
+
+def test_reviewkd_defaults_follow_the_authors_code_pre_activation_and_nearest():
+    """Teacher stage features before the last ReLU (the code's preact=True: negatives kept, ReLU of them
+    is timm's stage output); the pooled target stays post-ReLU; ABF resizes by nearest neighbour."""
+    images, _ = batch(2)
+    method, teacher, _ = make("reviewkd", teacher="resnet56_cifar")
+    teacher.eval()
+    with torch.no_grad():
+        _, post = extract(teacher, images, method.teacher_feature_indices())
+        _, pre = method.run_teacher(teacher, images)
+    for a, b in zip(pre[:3], post[:3]):
+        assert a.min() < 0 <= b.min() and torch.equal(torch.relu(a), b)
+    assert torch.equal(pre[3], post[3])  # the pooled (pre-logit) target: post-ReLU, as the code's
+    up = torch.arange(4.0).view(1, 1, 2, 2)
+    assert torch.equal(method.abfs[0]._resize(up, (4, 4)), up.repeat_interleave(2, 2).repeat_interleave(2, 3))
+
+    old, teacher, _ = make("reviewkd", {"teacher_features": "output", "resize": "pool_bilinear"},
+                           teacher="resnet56_cifar")
+    with torch.no_grad():
+        _, feats = old.run_teacher(teacher.eval(), images)
+    assert all(torch.equal(a, b) for a, b in zip(feats, post))
+    assert torch.allclose(old.abfs[0]._resize(up, (4, 4)), F.interpolate(up, size=(4, 4), mode="bilinear"))
 
 
 def test_reviewkd_rejects_a_zero_fusion_width():

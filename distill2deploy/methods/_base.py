@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import _schema
 from ..errors import UserError
+from ..models.factory import extract
 
 
 @dataclass
@@ -132,6 +133,12 @@ class DistillMethod(nn.Module):
     def teacher_feature_indices(self) -> list[int] | None:
         """Stage indices (timm ``feature_info`` order) the frozen teachers must return."""
         return None
+
+    def run_teacher(self, teacher: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """How the trainer runs a frozen teacher (under inference mode): its logits and the features at
+        :meth:`teacher_feature_indices`. A method that needs other features (ReviewKD's pre-activation
+        ones) overrides this, so they still come from the trainer's one teacher pass."""
+        return extract(teacher, images, self.teacher_feature_indices())
 
     def optimizers(self, lr: float) -> dict[str, OptimizerSpec]:
         """Named optimizers. Default: everything trainable in this module at the base lr."""

@@ -44,7 +44,7 @@ def optional_kd(terms: dict[str, Tensor], weights: dict[str, float], logits: Ten
 
 
 # The ECKD thesis's student stages of the CIFAR MobileNetV2s (teacher stages are 1..n). See
-# docs/methods.md. Keyed by exact name: timm's ImageNet mobilenetv2_* have other stages.
+# docs/methods.md §6. Keyed by exact name: timm's ImageNet mobilenetv2_* have other stages.
 _THESIS_STAGES = {"mobilenetv2_x0_5_cifar": [2, 3, 5, 7], "mobilenetv2_x1_0_cifar": [2, 3, 5, 7]}
 
 

@@ -1,4 +1,4 @@
-"""Hinton KD (offline, response-based): CE on labels + tau^2 KL to the frozen teacher's soft targets."""
+"""Hinton KD (offline, response-based; docs/methods.md §1): CE on labels + tau^2 KL to the teacher's soft targets."""
 from __future__ import annotations
 
 from dataclasses import dataclass

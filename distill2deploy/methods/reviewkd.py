@@ -16,10 +16,12 @@ Written from the paper and a reading of the authors' CIFAR-100 code (dvlab-resea
   the authors' code), the student's pre-logit pooled feature against the teacher's globally
   average-pooled last stage (exactly the ResNet teacher's pre-logit feature);
 * ``mid`` channels = min(512, channels of the deepest student feature), as in the code;
-* resizing uses :func:`~distill2deploy.methods._levels.match_size` (average-pool down, bilinear up)
-  where the authors use nearest-neighbour interpolation;
-* teacher features are the stage outputs timm returns (after the last ReLU); the authors' code
-  takes the teacher's pre-activation features, which our model-agnostic feature API does not have;
+* ABF resizes by nearest-neighbour interpolation, as the code does (``resize: nearest``;
+  ``pool_bilinear``: :func:`~distill2deploy.methods._levels.match_size`, average-pool down, bilinear up);
+* teacher stage features are taken before the stage's final ReLU, as the code's ``preact=True``
+  (``teacher_features: preact``, found by :mod:`~distill2deploy.methods._preact` and run in the
+  trainer's teacher pass through :meth:`ReviewKD.run_teacher`); ``output``: timm's post-ReLU stage
+  outputs. The pooled target stays post-ReLU, as the code's;
 * feature_weight (lambda) defaults to 1.0 with a 20-epoch linear warm-up: the defaults of the
   authors' ``train.py`` (``--kd-loss-weight 1.0 --kd-warm-up 20``). Their CIFAR-100 script tunes
   lambda per pair: 0.6 for ResNet-56 -> ResNet-20, 1.0 for ResNet-110 -> ResNet-32, 5.0 for
@@ -30,7 +32,7 @@ The ABF blocks live in this method (trained by the student's optimizer), never i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,7 @@ from ..models.factory import ResizeInput, extract, stage_count
 from ._base import DistillMethod, LossTerms, TeacherOutput
 from ._levels import (check_levels, default_levels, dry_run, feature_shapes, match_size, require_levels,
                       optional_kd, teacher_diagnostics)
+from ._preact import PreActivation
 from ._registry import register_method
 
 
@@ -61,6 +64,12 @@ class ReviewKDOptions:
     temperature: float = doc(4.0, "softmax temperature of the optional KD term")
     hcl_levels: list[int] = doc([4, 2, 1], "pyramid-pooling sizes of the hierarchical context loss")
     max_mid_channels: int = doc(512, "upper bound of the ABF blocks' fusion width")
+    teacher_features: Literal["preact", "output"] = doc(
+        "preact", "teacher stage features compared with: 'preact' before the stage's final ReLU (the authors' "
+        "code, preact=True), 'output' the stage outputs timm returns (after it)")
+    resize: Literal["nearest", "pool_bilinear"] = doc(
+        "nearest", "how ABF resizes the fused features: 'nearest' neighbour interpolation (the authors' code), "
+        "'pool_bilinear' average-pool down, bilinear up")
 
 
 class ABF(nn.Module):
@@ -70,8 +79,10 @@ class ABF(nn.Module):
     compares with the teacher; ``residual`` (``mid`` channels) is handed to the next shallower level.
     """
 
-    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool) -> None:
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool,
+                 resize: str = "nearest") -> None:
         super().__init__()
+        self.resize = resize
         self.reduce = nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels))
         self.project = nn.Sequential(nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False),
                                      nn.BatchNorm2d(out_channels))
@@ -85,11 +96,16 @@ class ABF(nn.Module):
         if self.attention is not None:
             if residual is None:
                 raise ValueError("ABF: a fusing block needs the residual of the deeper level")
-            residual = match_size(residual, tuple(x.shape[-2:]))
+            residual = self._resize(residual, tuple(x.shape[-2:]))
             weights = self.attention(torch.cat([x, residual], dim=1))
             x = x * weights[:, 0:1] + residual * weights[:, 1:2]
-        x = match_size(x, out_size)
+        x = self._resize(x, out_size)
         return self.project(x), x
+
+    def _resize(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        if self.resize == "pool_bilinear":
+            return match_size(x, size)
+        return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=size, mode="nearest")
 
 
 def student_features(student: nn.Module, images: Tensor, indices: list[int],
@@ -153,11 +169,17 @@ class ReviewKD(DistillMethod):
         in_channels = [int(f.shape[1]) for f in s_feats]
         mid = min(options.max_mid_channels, in_channels[-1])
         self.out_sizes = out_sizes
-        self.abfs = nn.ModuleList(ABF(cin, mid, cout, fuse=i < len(in_channels) - 1)
+        self.abfs = nn.ModuleList(ABF(cin, mid, cout, fuse=i < len(in_channels) - 1, resize=options.resize)
                                   for i, (cin, cout) in enumerate(zip(in_channels, out_channels)))
+        # The pooled target is the post-ReLU last stage, pooled (the authors' pre-logit feature).
+        preact = [options.teacher_features == "preact"] * len(pairs) + [False] * options.pooled
+        self._teacher_run = PreActivation(teacher, self._teacher_indices, preact, input_size)
 
     def teacher_feature_indices(self) -> list[int] | None:
         return list(self._teacher_indices)
+
+    def run_teacher(self, teacher: nn.Module, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return self._teacher_run(teacher, images)
 
     def review(self, features: list[Tensor]) -> list[Tensor]:
         """Top-down fusion: one output per level, shallow to deep, each shaped like its teacher feature."""

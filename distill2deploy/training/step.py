@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader
 
 from ..config import ScheduleConfig
 from ..methods import DistillMethod, StepOutput, TeacherOutput
-from ..models.factory import extract
 
 
 @torch.inference_mode()
@@ -67,13 +66,13 @@ class TrainStep:
 
     def __init__(self, accelerator: Accelerator, method: DistillMethod, model: nn.Module,
                  optimizers: list[Any], schedulers: list[Any], teachers: list[nn.Module],
-                 teacher_indices: list[int] | None, memory_format: torch.memory_format, compile: bool) -> None:
+                 memory_format: torch.memory_format, compile: bool) -> None:
         self.accelerator, self.method, self.model = accelerator, method, model
         self.optimizers, self.schedulers = optimizers, schedulers
-        self.teachers, self.teacher_indices = teachers, teacher_indices
+        self.teachers = teachers
         self.memory_format = memory_format
         self._forward = torch.compile(model) if compile else model
-        calls = [functools.partial(extract, t, indices=teacher_indices) for t in teachers]
+        calls = [functools.partial(method.run_teacher, t) for t in teachers]
         self._teacher_calls = [torch.compile(c) if compile else c for c in calls]
 
     @classmethod
@@ -97,7 +96,7 @@ class TrainStep:
             list(prepared[1 + 2 * k:])
         teachers = [t.to(accelerator.device, memory_format=fmt).eval().requires_grad_(False)
                     for t in method.frozen_teachers()]
-        step = cls(accelerator, method, model, opts, scheds, teachers, method.teacher_feature_indices(), fmt, compile)
+        step = cls(accelerator, method, model, opts, scheds, teachers, fmt, compile)
         return step, rest
 
     def teacher_outputs(self, images: torch.Tensor) -> list[TeacherOutput]:
