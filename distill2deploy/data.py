@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from . import _datasets
+from . import _datasets, _folder
 from ._datasets import Split
 from .errors import UserError, suggest
 
@@ -90,7 +90,7 @@ def load_source(source: str, *, root: str | None = None, download: bool = True,
         train, test, names = _datasets.load_npz(Path(arg).expanduser(), need_train=need_train,
                                                 num_classes=num_classes, num_classes_key=num_classes_key)
     else:
-        train, test, names = _datasets.load_folder(Path(arg).expanduser(), need_train=need_train,
+        train, test, names = _folder.load_folder(Path(arg).expanduser(), need_train=need_train,
                                                    cache_dir=data_root(root) / "folder-cache")
     named = names is not None
     if names is None:  # load_npz inferred or checked the count
