@@ -55,7 +55,7 @@ from .config import DataConfig, DistillConfig, ScheduleConfig
 from .data import DataSource, ImageDataset, Split, eval_transform, train_transform
 from .errors import UserError
 from .methods import DistillMethod, StepOutput, TeacherOutput
-from .models.factory import extract
+from .models.features import extract
 
 STATE_FILE = "trainer_state.json"
 STATE_VERSION = 3  # 3: the state records the hashes of the checkpoint's files and of metrics.jsonl

@@ -23,7 +23,7 @@ from distill2deploy.cli import main
 from distill2deploy.config import load_config
 from distill2deploy.errors import UserError
 from distill2deploy.methods import TeacherOutput, get_method
-from distill2deploy.models.factory import extract
+from distill2deploy.models.features import extract
 
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"  # /work/shared beside the repo

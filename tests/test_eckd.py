@@ -16,7 +16,7 @@ from distill2deploy.deploy.metadata import build_metadata
 from distill2deploy.errors import UserError
 from distill2deploy.methods import TeacherOutput, get_method
 from distill2deploy.methods.eckd import augmented_view
-from distill2deploy.models.factory import extract
+from distill2deploy.models.features import extract
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SAMPLE_NPZ = SHARED / "data" / "cifar100_sample.npz"

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from .._schema import to_dict
 from ..data import preprocess, stratified_subset
 from ..deploy.quantize import quantize_int8
 from ._base import RunContext, Stage, StageResult
@@ -14,8 +12,7 @@ class QuantizeStage(Stage):
     name = "quantize"
     needs = ("export",)
 
-    def key_inputs(self, ctx: RunContext) -> dict[str, Any]:
-        return {"quantize": to_dict(ctx.cfg.quantize), "data": ctx.data_key(), "seed": ctx.cfg.seed}
+    reads = ("seed", "data", "quantize")
 
     def run(self, ctx: RunContext, stage_dir: Path) -> StageResult:
         q, d = ctx.cfg.quantize, ctx.cfg.data

@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Any
 
 from .. import _io
-from .._schema import to_dict
 from ..data import preprocess
 from ..deploy.baseline import accuracy_entry, data_sha256, measure_model, write_baseline
 from ..deploy.validate import model_key, validate_models
@@ -16,13 +15,12 @@ class ValidateStage(Stage):
     name = "validate"
     needs = ("export", "quantize")
 
-    def key_inputs(self, ctx: RunContext) -> dict[str, Any]:
-        return {"validate": to_dict(ctx.cfg.validate), "data": ctx.data_key(), "seed": ctx.cfg.seed,
-                "threads": self.threads(ctx)}
+    # latency depends on the thread count: validate.threads, else the run's threads
+    reads = ("seed", "data", "validate", "threads")
 
     @staticmethod
     def threads(ctx: RunContext) -> int:
-        """validate.threads, else the run's threads: latency depends on it, so it keys the cache."""
+        """validate.threads, else the run's threads."""
         v = ctx.cfg.validate.threads
         return v if v is not None else ctx.cfg.threads
 
