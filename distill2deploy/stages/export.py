@@ -4,9 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import MODEL_SECTIONS, config_hash
-from ..data import preprocess
-from ..deploy.export import export_onnx
-from ..deploy.metadata import build_metadata
+from ..deploy.export import export_classifier
 from ..models.builders import build_student, build_teacher
 from ._base import RunContext, Stage, StageResult
 
@@ -22,17 +20,15 @@ class ExportStage(Stage):
         cfg = ctx.cfg
         data = ctx.data(need_train=False)
         d = cfg.data
-        n = min(cfg.export.parity_samples, len(data.test.labels))
-        parity_inputs = preprocess(data.test.images[:n], mean=d.mean, std=d.std, input_size=d.input_size)
         student = build_student(cfg, data.num_classes, weights=ctx.output("distill", "weights"))
         teacher = build_teacher(cfg, data.num_classes, weights=ctx.output("teacher", "weights"))
         outputs, summary = {}, {}
         for role, model, name in (("teacher", teacher, cfg.teacher.model), ("student", student, cfg.student.model)):
-            meta = build_metadata(model_name=name, class_names=data.class_names, mean=d.mean, std=d.std,
-                                  input_size=d.input_size, config_hash=config_hash(cfg))
             path = stage_dir / f"{role}.onnx"
-            info = export_onnx(model.eval(), path, input_size=d.input_size, opset=cfg.export.opset, metadata=meta,
-                               parity_inputs=parity_inputs, threads=cfg.threads)
+            info = export_classifier(model, path, model_name=name, class_names=data.class_names, mean=d.mean,
+                                     std=d.std, input_size=d.input_size, opset=cfg.export.opset,
+                                     config_hash=config_hash(cfg), test_images=data.test.images,
+                                     parity_samples=cfg.export.parity_samples, threads=cfg.threads)
             outputs[role] = path
             summary[role] = {"bytes": info["bytes"], "opset": info["opset"], "parity": info["parity"]}
             p = info["parity"]
