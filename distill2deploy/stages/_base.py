@@ -212,14 +212,11 @@ def _checkpoint_key(stage_dir: Path) -> str | None:
 
 
 def file_sha256(path: str | None, where: str) -> str | None:
-    """The content hash of a configured file (None when not configured); a missing one fails early."""
-    path = require_file(path, where)
-    return _io.file_sha256(path) if path else None
-
-
-def require_file(path: str | None, where: str) -> str | None:
-    """Fail early, naming the config key, when a configured file does not exist."""
-    if path is not None and not Path(path).is_file():
+    """The content hash of a configured file (None when not configured; ``~`` is the home directory). A
+    missing file fails here, naming the config key, before any work."""
+    if path is None:
+        return None
+    if not Path(path).expanduser().is_file():
         raise UserError(f"file not found: {path}", where=where, fix="check the path (relative paths are resolved "
-                        "from the directory you run the command in)")
-    return path
+                        "from the directory you run the command in; ~ is your home directory)")
+    return _io.file_sha256(Path(path).expanduser())
