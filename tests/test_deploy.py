@@ -132,6 +132,7 @@ class _DataDependent(nn.Module):
         return y if bool(y.sum() > -1e9) else -y
 
 
+@pytest.mark.slow
 def test_export_falls_back_to_torchscript(tmp_path):
     with pytest.warns(UserWarning, match="dynamo ONNX export failed.*trying the torchscript"):
         result = export_onnx(_DataDependent(), tmp_path / "fb.onnx", input_size=SIZE, metadata=_metadata(),
@@ -403,6 +404,7 @@ def test_training_curves_keep_fractions_and_counts_off_the_loss_axis(tmp_path):
 
 
 # ---------------------------------------------------------------- real weights
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "weights" / "cifar100_resnet56.pth").exists(),
                     reason=f"real weights not found under {SHARED}")
 def test_resnet56_cifar100_export_and_int8(tmp_path):

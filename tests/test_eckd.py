@@ -255,6 +255,7 @@ def _initializer_count(path: Path) -> int:
     return len(onnx.load(str(path)).graph.initializer)
 
 
+@pytest.mark.slow
 def test_student_stays_plain_and_exports_like_a_fresh_one(tmp_path):
     fresh_keys = set(_nets()[1].state_dict())
     built = [_build(n, o)[0] for n, o in (("eckd_r", {}), ("eckd_r", {"bidirectional": False}),
@@ -278,6 +279,7 @@ def run_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("eckd") / "run"  # one run dir: the teacher stage is cached across methods
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,options,extra_keys", [
     ("eckd_r", "{bidirectional: true}", ("ec", "ec_teacher", "teacher_ce", "l1_trsw", "l3_twsr")),
     ("eckd_r", "{bidirectional: false, augment: flip}", ("ec", "aux_ce", "teacher_aux_ce", "l2_trsr")),
