@@ -344,6 +344,7 @@ def test_latency_structure(exported):
         measure_latency(exported[0], input_size=32, runs=1, warmup=0, progress=False)
 
 
+@pytest.mark.slow
 def test_validate_models_report(exported, quantized, tmp_path):
     fp32, int8 = exported[0], quantized[0]
     x, labels = _inputs(30, seed=5), np.arange(30) % CLASSES
