@@ -154,4 +154,3 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, role: str | None = No
                         where="checkpoint", fix=fix)
     target.load_state_dict(sd, strict=True)
     return model
-

@@ -22,6 +22,7 @@ from .features import ResizeInput
 
 __all__ = ["check_model_name", "create_model"]
 
+
 def _download_errors() -> tuple[type[BaseException], ...]:
     # URLError, HTTPError, socket errors, hub LocalEntryNotFound/HfHubHTTPError are OSErrors;
     # EntryNotFoundError is not.
@@ -32,8 +33,6 @@ def _download_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover - huggingface_hub is a timm dependency
         pass
     return tuple(errors)
-
-
 
 
 def check_model_name(name: str, where: str = "model name") -> None:
@@ -155,4 +154,3 @@ def create_model(
     if input_size is not None and input_size != data_input_size:
         model = ResizeInput(model, input_size)
     return model
-
