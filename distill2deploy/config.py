@@ -305,13 +305,36 @@ def config_dict(cfg: PipelineConfig) -> dict[str, Any]:
     return _schema.to_dict(cfg)
 
 
+#: config keys that never change a result: left out of every cache key and of :func:`config_hash`
+INERT_KEYS: tuple[str, ...] = ("data.num_workers",)
+#: what the exported models derive from (:func:`config_hash` covers exactly these; not the run name, thread
+#: count, quantization or validation settings, so changing those re-exports nothing)
+MODEL_SECTIONS: tuple[str, ...] = ("seed", "data", "teacher", "student", "distill", "export")
+
+
+def config_slice(cfg: PipelineConfig, paths: tuple[str, ...]) -> dict[str, Any]:
+    """The part of the config at ``paths`` (sections like ``data`` or keys like ``distill.mixed_precision``),
+    as a nested dict shaped like :func:`config_dict`, without :data:`INERT_KEYS`: what a stage's cache
+    key is derived from (see :attr:`distill2deploy.stages.Stage.reads`)."""
+    full, out = config_dict(cfg), {}
+    for path in paths:
+        *parents, leaf = path.split(".")
+        src, dst = full, out
+        for part in parents:
+            src, dst = src[part], dst.setdefault(part, {})
+        dst[leaf] = src[leaf]
+    for path in INERT_KEYS:
+        *parents, leaf = path.split(".")
+        node: Any = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
 def config_hash(cfg: PipelineConfig) -> str:
-    """The run's one hash: of everything that determines the exported models (not the run name, worker
-    or thread counts, quantization or validation settings, so changing those re-exports nothing). The
-    ONNX metadata, ``config.sha256`` and the report all carry it."""
-    d = config_dict(cfg)
-    for k in ("name", "validate", "quantize", "threads"):
-        d.pop(k, None)
-    d["data"].pop("num_workers", None)
-    return obj_sha256(d)
+    """The run's one hash: of everything that determines the exported models (:data:`MODEL_SECTIONS`).
+    The ONNX metadata, ``config.sha256`` and the report all carry it."""
+    return obj_sha256(config_slice(cfg, MODEL_SECTIONS))
 

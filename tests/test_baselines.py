@@ -23,7 +23,7 @@ from distill2deploy.cli import main
 from distill2deploy.config import load_config
 from distill2deploy.errors import UserError
 from distill2deploy.methods import TeacherOutput, get_method
-from distill2deploy.models.factory import extract
+from distill2deploy.models.features import extract
 
 from .conftest import SAMPLE_NPZ, SHARED, WEIGHTS
 

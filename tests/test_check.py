@@ -75,6 +75,7 @@ def check(s: dict[str, Path], model: Path, *extra: str) -> int:
     return main(["check", str(model), "--baseline", str(s["baseline"]), *FAST, *extra])
 
 
+@pytest.mark.slow
 def test_update_writes_a_role_entry(setup):
     base = load_baseline(setup["baseline"])
     entry = base["roles"]["model"]
@@ -84,6 +85,7 @@ def test_update_writes_a_role_entry(setup):
     assert not list(setup["dir"].glob(".baseline.json.*"))  # atomic write left no temp file
 
 
+@pytest.mark.slow
 def test_unchanged_model_passes_and_writes_json(setup, tmp_path, capsys):
     out = tmp_path / "check.json"
     assert check(setup, setup["good"], "--data", setup["data"], "--json", str(out)) == 0
@@ -101,6 +103,7 @@ def test_more_compute_under_the_same_name_fails(setup, capsys):
     assert "FAIL: latency_bs4 regressed" in out and "REGRESSION" in out
 
 
+@pytest.mark.slow
 def test_accuracy_drop_fails(setup, capsys):
     assert check(setup, setup["dir"] / "wrong" / "model.onnx", "--data", setup["data"], "--max-slowdown", "5") == 1
     assert "top1 regressed" in capsys.readouterr().out

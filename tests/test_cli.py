@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from distill2deploy.cli import main
+from distill2deploy.errors import UserError
 
 from .conftest import SAMPLE_NPZ, WEIGHTS, need_shared
 
@@ -116,6 +117,7 @@ def test_validate_needs_our_metadata(tmp_path, capsys):
     assert_user_error(code, err, "not exported by distill2deploy")
 
 
+@pytest.mark.slow
 def test_debug_shows_traceback(tmp_path):
     cfg = tmp_path / "x.yaml"
     cfg.write_text("distill:\n  epochz: 3\n")
@@ -126,10 +128,18 @@ def test_debug_shows_traceback(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr and "did you mean 'epochs'" in out.stderr
 
 
-def test_every_help_has_an_example():
+def test_debug_lets_the_error_through(tmp_path):
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("distill:\n  epochz: 3\n")
+    with pytest.raises(UserError, match="did you mean 'epochs'"):
+        main(["pipeline", str(cfg), "--debug"])
+
+
+def test_every_help_has_an_example(capsys):
     for cmd in ([], ["pipeline"], ["teacher"], ["distill"], ["export"], ["quantize"], ["validate"], ["report"]):
-        out = subprocess.run([sys.executable, "-m", "distill2deploy", *cmd, "--help"], capture_output=True, text=True)
-        assert out.returncode == 0 and "example" in out.stdout, cmd
+        with pytest.raises(SystemExit) as exit_:
+            main([*cmd, "--help"])
+        assert exit_.value.code == 0 and "example" in capsys.readouterr().out, cmd
 
 
 def test_failed_rerun_does_not_damage_finished_run(tmp_path, capsys, resnet56_weights):

@@ -357,6 +357,7 @@ def test_folder_corrupt_image_and_mixed_sizes(tmp_path):
     _raises(f"folder:{tmp_path / 'mix'}", "2 different sizes", "12x12", root=c)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CIFAR10_JPEG.is_file(), reason=f"shared CIFAR-10 JPEGs not found at {CIFAR10_JPEG}")
 def test_folder_real_cifar10_jpegs(tmp_path):
     """A few hundred real JPEGs: label order airplane..truck, 32x32 RGB, natural-image statistics."""

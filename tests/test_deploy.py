@@ -133,6 +133,7 @@ class _DataDependent(nn.Module):
         return y if bool(y.sum() > -1e9) else -y
 
 
+@pytest.mark.slow
 def test_export_falls_back_to_torchscript(tmp_path):
     with pytest.warns(UserWarning, match="dynamo ONNX export failed.*trying the torchscript"):
         result = export_onnx(_DataDependent(), tmp_path / "fb.onnx", input_size=SIZE, metadata=_metadata(),
@@ -344,6 +345,7 @@ def test_latency_structure(exported):
         measure_latency(exported[0], input_size=32, runs=1, warmup=0, progress=False)
 
 
+@pytest.mark.slow
 def test_validate_models_report(exported, quantized, tmp_path):
     fp32, int8 = exported[0], quantized[0]
     x, labels = _inputs(30, seed=5), np.arange(30) % CLASSES
@@ -404,6 +406,7 @@ def test_training_curves_keep_fractions_and_counts_off_the_loss_axis(tmp_path):
 
 
 # ---------------------------------------------------------------- real weights
+@pytest.mark.slow
 @pytest.mark.skipif(not (WEIGHTS / "cifar100_resnet56.pth").exists(),
                     reason=f"real weights not found under {SHARED}")
 def test_resnet56_cifar100_export_and_int8(tmp_path):

@@ -187,6 +187,7 @@ def _method(name: str, options: dict, teacher: str = "resnet20_cifar"):
     return cls(student, teachers, opts, num_classes=10, input_size=32)
 
 
+@pytest.mark.slow
 def test_every_method_gives_every_trained_parameter_a_gradient():
     """DDP runs without find_unused_parameters, so every method must give every trained parameter a gradient."""
     x, y = torch.randn(6, 3, 32, 32), torch.arange(6) % 10

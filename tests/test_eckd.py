@@ -16,7 +16,7 @@ from distill2deploy.deploy.metadata import build_metadata
 from distill2deploy.errors import UserError
 from distill2deploy.methods import TeacherOutput, get_method
 from distill2deploy.methods.eckd import augmented_view
-from distill2deploy.models.factory import extract
+from distill2deploy.models.features import extract
 
 from .conftest import SAMPLE_NPZ, WEIGHTS
 
@@ -259,6 +259,7 @@ def _initializer_count(path: Path) -> int:
     return len(onnx.load(str(path)).graph.initializer)
 
 
+@pytest.mark.slow
 def test_student_stays_plain_and_exports_like_a_fresh_one(tmp_path):
     fresh_keys = set(_nets()[1].state_dict())
     built = [_build(n, o)[0] for n, o in (("eckd_r", {}), ("eckd_r", {"bidirectional": False}),
@@ -282,6 +283,7 @@ def run_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("eckd") / "run"  # one run dir: the teacher stage is cached across methods
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,options,extra_keys", [
     ("eckd_r", "{bidirectional: true}", ("ec", "ec_teacher", "teacher_ce", "l1_trsw", "l3_twsr")),
     ("eckd_r", "{bidirectional: false, augment: flip}", ("ec", "aux_ce", "teacher_aux_ce", "l2_trsr")),

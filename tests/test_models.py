@@ -152,6 +152,7 @@ def test_shared_weights_load_strictly(depth: int) -> None:
     assert torch.equal(model.fc.weight, sd["fc.weight"])
 
 
+@pytest.mark.slow
 @needs_weights
 @needs_sample
 def test_resnet56_top1_on_sample_is_the_documented_72_25() -> None:

@@ -11,6 +11,8 @@ from distill2deploy.cli import main
 
 from .conftest import SAMPLE_NPZ, WEIGHTS, need_shared
 
+pytestmark = pytest.mark.slow  # every test shares one real pipeline run (minutes on 2 cores)
+
 
 def quick_args(run_dir: Path, *extra: str) -> list[str]:
     need_shared()
@@ -101,3 +103,10 @@ def test_report_and_check_take_a_run_directory(finished_run, capsys):
     assert main(["check", str(finished_run / "quantize" / "student.int8.onnx"), "--baseline",
                  str(finished_run / "baseline.json"), "--rounds", "5", "--max-slowdown", "5"]) == 0
     assert "(role 'student.int8')" in capsys.readouterr().err
+
+
+def test_changed_calibration_reexports_nothing(finished_run, capsys):
+    """The derived cache keys end to end: quantize settings rerun quantize and what follows, not export."""
+    assert main(quick_args(finished_run, "-o", "quantize.calib_samples=32")) == 0
+    out = capsys.readouterr().out
+    assert "✓ export: cached" in out and "✓ quantize: done" in out and "✓ validate: done" in out

@@ -107,6 +107,7 @@ def test_lock_names_the_holder_and_is_removed_on_release(tmp_path):
     RunLock.acquire(tmp_path).release()
 
 
+@pytest.mark.slow
 def test_a_second_process_is_refused_and_a_killed_holder_leaves_a_stale_lock(tmp_path, capsys):
     """Real processes: the holder runs in another interpreter, then dies by SIGKILL."""
     run_dir = tmp_path / "run"

@@ -13,6 +13,7 @@ import copy
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,10 @@ import torch
 import torch.nn as nn
 
 from .._io import atomic_path, scratch_dir
+from ..data import preprocess
 from ..errors import UserError
 from .evaluate import make_session, run_batched
-from .metadata import INPUT_NAME, LAYOUT, OUTPUT_NAME, set_props
+from .metadata import INPUT_NAME, LAYOUT, OUTPUT_NAME, build_metadata, set_props
 
 from ..config import MIN_OPSET  # one bound, checked when the config loads and here
 DYNAMO_MIN_OPSET = 18
@@ -76,6 +78,21 @@ def _check_parity(model: nn.Module, path: Path, inputs: np.ndarray, batch_size: 
         "top1_agreement": float((onnx_logits.argmax(1) == torch_logits.argmax(1)).mean()),
         "n": int(len(inputs)),
     }
+
+
+def export_classifier(model: nn.Module, path: str | os.PathLike[str], *, model_name: str, class_names: list[str],
+                      mean: Sequence[float], std: Sequence[float], input_size: int, opset: int, config_hash: str,
+                      test_images: np.ndarray | None, parity_samples: int, threads: int | None) -> dict[str, Any]:
+    """The export stage's and the ``export`` command's one path: metadata a server needs, then
+    :func:`export_onnx` with parity measured on the first ``parity_samples`` of ``test_images`` (uint8
+    NHWC, preprocessed here as the metadata says; None skips the parity check)."""
+    meta = build_metadata(model_name=model_name, class_names=class_names, mean=mean, std=std,
+                          input_size=input_size, config_hash=config_hash)
+    parity = None
+    if test_images is not None:
+        parity = preprocess(test_images[:parity_samples], mean=mean, std=std, input_size=input_size)
+    return export_onnx(model.eval(), path, input_size=input_size, opset=opset, metadata=meta,
+                       parity_inputs=parity, threads=threads)
 
 
 def export_onnx(

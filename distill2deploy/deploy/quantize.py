@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from onnxruntime.quantization import (
 )
 
 from .._io import atomic_path, refuse_overwrite, scratch_dir
+from ..data import Split, preprocess, stratified_subset
 from ..errors import UserError, suggest
 from .evaluate import agreement, make_session, run_batched
 from .export import _has_dynamic_batch
@@ -95,6 +96,20 @@ def _choice(value: str, choices: dict[str, Any], what: str) -> Any:
 
 def _graph_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     return graph_input(model, fix="quantize a classifier exported by distill2deploy")
+
+
+def calibration_inputs(train: Split, *, samples: int, batch_size: int, seed: int, mean: Sequence[float],
+                       std: Sequence[float], input_size: int, batch_key: str) -> np.ndarray:
+    """The calibration set of the quantize stage and the ``quantize`` command alike: ``samples`` training
+    images (all of a smaller split) rounded down to whole batches of ``batch_size``, stratified by class
+    with ``seed``, preprocessed as the model expects. ``batch_key`` (config key or flag) is named when the
+    split holds less than one batch."""
+    n = min(samples, len(train.labels)) // batch_size * batch_size
+    if n == 0:
+        raise UserError(f"the calibration set has {len(train.labels)} images, fewer than one batch of {batch_size}",
+                        where=batch_key, fix=f"lower {batch_key}, or calibrate on more training images")
+    idx = stratified_subset(train.labels, n, seed)
+    return preprocess(train.images[idx], mean=mean, std=std, input_size=input_size)
 
 
 def quantize_int8(

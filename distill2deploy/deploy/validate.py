@@ -1,6 +1,7 @@
 """Validate exported models side by side: accuracy, latency and int8-vs-fp32 agreement."""
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -8,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data import preprocess
 from ..errors import UserError
 from .evaluate import accuracy, agreement, make_session, run_batched
 from .latency import measure_latency_many, spread
@@ -15,6 +17,20 @@ from .metadata import read_metadata
 from .regression import paired_accuracy
 
 Images = np.ndarray | Callable[[dict[str, Any]], np.ndarray]
+
+
+def per_model_inputs(images_uint8: np.ndarray) -> Callable[[dict[str, Any]], np.ndarray]:
+    """``images`` for :func:`validate_models`: each model gets the preprocessing its metadata records (mean,
+    std, input size), computed once per distinct preprocessing."""
+    cache: dict[str, np.ndarray] = {}
+
+    def images(meta: dict[str, Any]) -> np.ndarray:
+        key = json.dumps([meta["mean"], meta["std"], meta["input_size"]])
+        if key not in cache:
+            cache[key] = preprocess(images_uint8, mean=meta["mean"], std=meta["std"], input_size=meta["input_size"])
+        return cache[key]
+
+    return images
 
 
 def model_key(path: str | os.PathLike[str]) -> str:

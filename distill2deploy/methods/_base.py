@@ -27,7 +27,7 @@ from torch import nn
 
 from .. import _schema
 from ..errors import UserError
-from ..models.factory import extract
+from ..models.features import extract
 
 
 @dataclass

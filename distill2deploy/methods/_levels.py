@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .. import losses
 from ..errors import UserError
-from ..models.factory import ResizeInput, extract, stage_count
+from ..models.features import ResizeInput, extract, stage_count
 
 T = TypeVar("T")
 

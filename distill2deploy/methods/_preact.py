@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.factory import ResizeInput, extract
+from ..models.features import ResizeInput, extract
 
 
 def _stage_module(model: nn.Module, index: int) -> nn.Module:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .. import losses
 from .._schema import doc
-from ..models.factory import extract
+from ..models.features import extract
 from ._base import DistillMethod, LossTerms, TeacherOutput
 from ._levels import check_levels, default_levels, optional_kd, require_levels, teacher_diagnostics
 from ._registry import register_method

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .. import losses
 from .._schema import doc
 from ..errors import UserError
-from ..models.factory import extract
+from ..models.features import extract
 from ._base import DistillMethod, LossTerms, OptimizerSpec, TeacherOutput
 from ._levels import aux_head, check_levels, default_levels, feature_shapes, mask_logs
 

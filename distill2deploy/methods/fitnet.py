@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .. import losses
 from .._schema import doc
 from ..errors import UserError
-from ..models.factory import extract
+from ..models.features import extract
 from ._base import DistillMethod, LossTerms, TeacherOutput
 from ._levels import (adapter, check_levels, default_levels, feature_shapes, match_size,
                       optional_kd, teacher_diagnostics)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .. import losses
 from .._schema import doc
 from ..errors import UserError
-from ..models.factory import extract
+from ..models.features import extract
 from ._base import DistillMethod, LossTerms, TeacherOutput
 from ._levels import (adapter, check_levels, default_levels, feature_shapes, optional_kd, require_levels,
                       teacher_diagnostics)

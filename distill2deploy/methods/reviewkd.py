@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from .. import losses
 from .._schema import doc
 from ..errors import UserError
-from ..models.factory import ResizeInput, extract, stage_count
+from ..models.features import ResizeInput, extract, stage_count
 from ._base import DistillMethod, LossTerms, TeacherOutput
 from ._levels import (check_levels, default_levels, dry_run, feature_shapes, match_size, require_levels,
                       optional_kd, teacher_diagnostics)

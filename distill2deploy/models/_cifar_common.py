@@ -112,7 +112,8 @@ class CifarNet(nn.Module):
     #: True when the final block is a norm(+act) that keeps the channel count, so
     #: ``forward_intermediates(norm=True)`` may apply it to the last stage's output
     final_is_norm: bool = False
-    #: attribute name of the linear classifier (CRD's names: fc, classifier, linear)
+    #: module path of the linear classifier, as the published code names it (fc, linear, classifier;
+    #: MobileNetV2's ``classifier.0``: its Linear sits in an ``nn.Sequential``), so checkpoint keys match
     classifier_name: str = "fc"
 
     feature_info: list[dict[str, Any]]
@@ -123,7 +124,7 @@ class CifarNet(nn.Module):
         self.num_features = self.head_hidden_size = num_features
         self.drop_rate = drop_rate
         self.global_pool, fc = create_classifier(num_features, num_classes, pool_type=global_pool)
-        setattr(self, self.classifier_name, fc)
+        self._set_classifier(fc)
         # number of stages still present (prune_intermediate_layers lowers it) and whether the
         # final block still runs; plain attributes, not buffers, so state_dicts stay unchanged
         self._num_stages = len(self.stage_names)
@@ -168,7 +169,7 @@ class CifarNet(nn.Module):
 
     @torch.jit.ignore
     def get_classifier(self, name_only: bool = False) -> str | nn.Module:
-        return self.classifier_name if name_only else getattr(self, self.classifier_name)
+        return self.classifier_name if name_only else self.get_submodule(self.classifier_name)
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
@@ -182,7 +183,14 @@ class CifarNet(nn.Module):
         )
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         fc.train(self.training)
-        setattr(self, self.classifier_name, fc)
+        self._set_classifier(fc)
+
+    def _set_classifier(self, fc: nn.Module) -> None:
+        """Put ``fc`` at :attr:`classifier_name`, creating the ``nn.Sequential`` of a dotted path."""
+        parent, _, leaf = self.classifier_name.rpartition(".")
+        if parent and not hasattr(self, parent):
+            setattr(self, parent, nn.Sequential())
+        setattr(self.get_submodule(parent) if parent else self, leaf, fc)
 
     def forward_intermediates(
         self,

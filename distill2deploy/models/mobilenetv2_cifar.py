@@ -53,7 +53,7 @@ class InvertedResidual(nn.Module):
 class MobileNetV2Cifar(CifarNet):
     stage_names = tuple(f"blocks.{i}" for i in range(7))
     final_names = ("conv2",)
-    classifier_name = "classifier"
+    classifier_name = "classifier.0"  # CRD: nn.Sequential(nn.Linear(...)), so checkpoints hold classifier.0.*
 
     def __init__(
         self,
@@ -106,8 +106,8 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> MobileNetV
 
 
 default_cfgs = generate_default_cfgs({
-    "mobilenetv2_x0_5_cifar": cifar_cfg(first_conv="conv1.0", classifier="classifier"),
-    "mobilenetv2_x1_0_cifar": cifar_cfg(first_conv="conv1.0", classifier="classifier"),
+    "mobilenetv2_x0_5_cifar": cifar_cfg(first_conv="conv1.0", classifier="classifier.0"),
+    "mobilenetv2_x1_0_cifar": cifar_cfg(first_conv="conv1.0", classifier="classifier.0"),
 })
 
 

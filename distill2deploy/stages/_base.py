@@ -1,7 +1,10 @@
 """Stages (Olive-style passes): declared inputs, cached outputs, atomic manifests.
 
-A stage's cache key is the hash of the config it reads plus the content hashes of its
-upstream stages' outputs. Its manifest (``<run>/<stage>/stage.json``) is written last, so a stage
+A stage's cache key is derived, not hand-picked: each stage declares the config it reads
+(:attr:`Stage.reads`: sections, or dotted keys where it reads only part of one) and the files the config
+names (:meth:`Stage.key_files`), and the key is the hash of exactly those plus the content hashes of its
+upstream stages' outputs. Changing a section reruns the stages that read it and, through their outputs,
+their dependants; nothing else. Its manifest (``<run>/<stage>/stage.json``) is written last, so a stage
 counts as done only when every output exists with the recorded hash.
 
 A stage builds its outputs in a work directory of its own (``<run>/.work/<stage>-<key>``) and the
@@ -20,8 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .. import __version__, _io
-from .._schema import to_dict
-from ..config import CIFAR100_MEAN, CIFAR100_STD, PipelineConfig, config_dict
+from ..config import CIFAR100_MEAN, CIFAR100_STD, PipelineConfig, config_slice
 from ..data import DataSource, load_source, subset_source, warn_default_stats
 from ..errors import UserError
 
@@ -89,21 +91,19 @@ class RunContext:
     def has_output(self, stage: str, name: str) -> bool:
         return name in self.manifests.get(stage, {}).get("outputs", {})
 
-    def data_key(self) -> dict[str, Any]:
-        """The parts of ``data`` that change what a model sees (not worker counts)."""
-        d = config_dict(self.cfg)["data"]
-        d.pop("num_workers", None)
-        return d
-
 
 class Stage:
     name: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()
+    #: the config this stage's outputs depend on: top-level sections (``"data"``) or dotted keys
+    #: (``"distill.mixed_precision"``); the cache key covers exactly these (see config_slice)
+    reads: ClassVar[tuple[str, ...]] = ()
     #: training stages run in every process under ``accelerate launch``; the rest on the main one only
     all_processes: ClassVar[bool] = False
 
-    def key_inputs(self, ctx: RunContext) -> dict[str, Any]:
-        raise NotImplementedError
+    def key_files(self, ctx: RunContext) -> dict[str, Any]:
+        """Content hashes of the files the config names (a path's bytes, not its name, are the input)."""
+        return {}
 
     def run(self, ctx: RunContext, stage_dir: Path) -> StageResult:
         raise NotImplementedError
@@ -159,7 +159,8 @@ class Stage:
     # --- caching ---------------------------------------------------------------------
     def cache_key(self, ctx: RunContext) -> str:
         upstream = {dep: ctx.manifests[dep]["outputs_sha256"] for dep in self.needs if dep in ctx.manifests}
-        return _io.obj_sha256({"stage": self.name, "version": __version__, "inputs": to_dict(self.key_inputs(ctx)),
+        return _io.obj_sha256({"stage": self.name, "version": __version__,
+                               "config": config_slice(ctx.cfg, self.reads), "files": self.key_files(ctx),
                                "upstream": upstream})
 
     def cached_manifest(self, ctx: RunContext, key: str) -> dict[str, Any] | None:
@@ -210,9 +211,12 @@ def _checkpoint_key(stage_dir: Path) -> str | None:
     return state.get("key") if isinstance(state, dict) else None
 
 
-def require_file(path: str | None, where: str) -> str | None:
-    """Fail early, naming the config key, when a configured file does not exist."""
-    if path is not None and not Path(path).is_file():
+def file_sha256(path: str | None, where: str) -> str | None:
+    """The content hash of a configured file (None when not configured; ``~`` is the home directory). A
+    missing file fails here, naming the config key, before any work."""
+    if path is None:
+        return None
+    if not Path(path).expanduser().is_file():
         raise UserError(f"file not found: {path}", where=where, fix="check the path (relative paths are resolved "
-                        "from the directory you run the command in)")
-    return path
+                        "from the directory you run the command in; ~ is your home directory)")
+    return _io.file_sha256(Path(path).expanduser())

@@ -7,11 +7,9 @@ from typing import Any
 import torch
 
 from .. import _io
-from .._schema import to_dict
 from ..methods import get_method
-from ..models.factory import create_model
-from ._base import RunContext, Stage, StageResult, require_file
-from .teacher import build_teacher
+from ..models.builders import TEACHER_ARCHITECTURE, build_student, build_teacher
+from ._base import RunContext, Stage, StageResult, file_sha256
 
 
 class DistillStage(Stage):
@@ -20,11 +18,10 @@ class DistillStage(Stage):
     all_processes = True
     resume_files = ("checkpoints/last", "metrics.jsonl", "best.pt")
 
-    def key_inputs(self, ctx: RunContext) -> dict[str, Any]:
-        s = ctx.cfg.student
-        ckpt = require_file(s.checkpoint, "student.checkpoint")
-        return {"student": to_dict(s), "student_checkpoint_sha256": _io.file_sha256(ckpt) if ckpt else None,
-                "distill": to_dict(ctx.cfg.distill), "data": ctx.data_key(), "seed": ctx.cfg.seed}
+    reads = ("seed", "data", "student", "distill", *TEACHER_ARCHITECTURE)
+
+    def key_files(self, ctx: RunContext) -> dict[str, Any]:
+        return {"student.checkpoint": file_sha256(ctx.cfg.student.checkpoint, "student.checkpoint")}
 
     def run(self, ctx: RunContext, stage_dir: Path) -> StageResult:
         from ..training.loop import TrainOptions, train
@@ -34,9 +31,7 @@ class DistillStage(Stage):
         method_cls = get_method(cfg.distill.method)
         options = method_cls.parse_options(cfg.distill.options)
         torch.manual_seed(cfg.seed)  # the student's initialisation
-        student = create_model(cfg.student.model, num_classes=data.num_classes, checkpoint=cfg.student.checkpoint,
-                               role="student",
-                               **cfg.student.model_kwargs)
+        student = build_student(cfg, data.num_classes)
         teachers = []
         if method_cls.needs_teacher(options):
             teachers = [build_teacher(cfg, data.num_classes, weights=ctx.output("teacher", "weights"))]

@@ -2,41 +2,33 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from .._schema import to_dict
-from ..config import config_hash
-from ..data import preprocess
-from ..deploy.export import export_onnx
-from ..deploy.metadata import build_metadata
-from ..models.factory import create_model, load_checkpoint
+from ..config import MODEL_SECTIONS, config_hash
+from ..deploy.export import export_classifier
+from ..models.builders import build_student, build_teacher
 from ._base import RunContext, Stage, StageResult
-from .teacher import build_teacher
 
 
 class ExportStage(Stage):
     name = "export"
     needs = ("teacher", "distill")
 
-    def key_inputs(self, ctx: RunContext) -> dict[str, Any]:
-        return {"export": to_dict(ctx.cfg.export), "data": ctx.data_key(), "config_hash": config_hash(ctx.cfg)}
+    # the models' metadata records config_hash(), the hash of MODEL_SECTIONS: reading it reads them all
+    reads = MODEL_SECTIONS
 
     def run(self, ctx: RunContext, stage_dir: Path) -> StageResult:
         cfg = ctx.cfg
         data = ctx.data(need_train=False)
         d = cfg.data
-        n = min(cfg.export.parity_samples, len(data.test.labels))
-        parity_inputs = preprocess(data.test.images[:n], mean=d.mean, std=d.std, input_size=d.input_size)
-        student = create_model(cfg.student.model, num_classes=data.num_classes, **cfg.student.model_kwargs)
-        load_checkpoint(student, str(ctx.output("distill", "weights")))
+        student = build_student(cfg, data.num_classes, weights=ctx.output("distill", "weights"))
         teacher = build_teacher(cfg, data.num_classes, weights=ctx.output("teacher", "weights"))
         outputs, summary = {}, {}
         for role, model, name in (("teacher", teacher, cfg.teacher.model), ("student", student, cfg.student.model)):
-            meta = build_metadata(model_name=name, class_names=data.class_names, mean=d.mean, std=d.std,
-                                  input_size=d.input_size, config_hash=config_hash(cfg))
             path = stage_dir / f"{role}.onnx"
-            info = export_onnx(model.eval(), path, input_size=d.input_size, opset=cfg.export.opset, metadata=meta,
-                               parity_inputs=parity_inputs, threads=cfg.threads)
+            info = export_classifier(model, path, model_name=name, class_names=data.class_names, mean=d.mean,
+                                     std=d.std, input_size=d.input_size, opset=cfg.export.opset,
+                                     config_hash=config_hash(cfg), test_images=data.test.images,
+                                     parity_samples=cfg.export.parity_samples, threads=cfg.threads)
             outputs[role] = path
             summary[role] = {"bytes": info["bytes"], "opset": info["opset"], "parity": info["parity"]}
             p = info["parity"]

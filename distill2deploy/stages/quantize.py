@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from .._schema import to_dict
-from ..data import preprocess, stratified_subset
-from ..deploy.quantize import quantize_int8
+from ..deploy.quantize import calibration_inputs, quantize_int8
 from ._base import RunContext, Stage, StageResult
 
 
@@ -14,17 +11,15 @@ class QuantizeStage(Stage):
     name = "quantize"
     needs = ("export",)
 
-    def key_inputs(self, ctx: RunContext) -> dict[str, Any]:
-        return {"quantize": to_dict(ctx.cfg.quantize), "data": ctx.data_key(), "seed": ctx.cfg.seed}
+    reads = ("seed", "data", "quantize")
 
     def run(self, ctx: RunContext, stage_dir: Path) -> StageResult:
         q, d = ctx.cfg.quantize, ctx.cfg.data
         if not q.enabled:
             return StageResult(outputs={}, summary={"enabled": False})
-        train = ctx.data(need_train=True).train
-        n = min(q.calib_samples, len(train.labels)) // q.calib_batch_size * q.calib_batch_size
-        idx = stratified_subset(train.labels, n, ctx.cfg.seed)
-        calib = preprocess(train.images[idx], mean=d.mean, std=d.std, input_size=d.input_size)
+        calib = calibration_inputs(ctx.data(need_train=True).train, samples=q.calib_samples,
+                                   batch_size=q.calib_batch_size, seed=ctx.cfg.seed, mean=d.mean, std=d.std,
+                                   input_size=d.input_size, batch_key="quantize.calib_batch_size")
         out = stage_dir / "student.int8.onnx"
         info = quantize_int8(ctx.output("export", "student"), out, calib, calib_batch_size=q.calib_batch_size,
                              activation_type=q.activation_type, weight_type=q.weight_type,

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _io
-from ..config import config_hash
+from ..config import MODEL_SECTIONS, config_hash
 from ..deploy.plots import plot_accuracy_latency
 from ..report import build_report, plot_training_curves, render_markdown
 from ._base import RunContext, Stage, StageResult
@@ -15,8 +15,8 @@ class ReportStage(Stage):
     name = "report"
     needs = ("teacher", "distill", "export", "quantize", "validate")
 
-    def key_inputs(self, ctx: RunContext) -> dict[str, Any]:
-        return {"config_hash": config_hash(ctx.cfg)}
+    # the report shows the run's name and config_hash() (MODEL_SECTIONS); the rest comes from the manifests
+    reads = ("name", *MODEL_SECTIONS)
 
     def run(self, ctx: RunContext, stage_dir: Path) -> StageResult:
         return write_report(ctx.run_dir, ctx.manifests, config_hash(ctx.cfg), ctx.cfg.name or ctx.run_dir.name)

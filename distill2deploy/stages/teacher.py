@@ -4,27 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from .. import _io
-from .._schema import to_dict
-from ..config import PipelineConfig
 from ..methods import get_method
-from ..models.factory import create_model, load_checkpoint
-from ._base import RunContext, Stage, StageResult, require_file
-
-
-def build_teacher(cfg: PipelineConfig, num_classes: int, weights: Path | None = None) -> nn.Module:
-    """The configured teacher; with ``weights`` (the teacher stage's output) no download happens."""
-    t = cfg.teacher
-    model = create_model(t.model, num_classes=num_classes,
-                         pretrained=t.pretrained and t.checkpoint is None and weights is None,
-                         checkpoint=None if weights is not None else t.checkpoint,
-                         input_size=t.input_size, data_input_size=cfg.data.input_size, role="teacher",
-                         reset_head=t.reset_head and weights is None, **t.model_kwargs)
-    if weights is not None:
-        load_checkpoint(model, str(weights))
-    return model
+from ..models.builders import build_teacher
+from ._base import RunContext, Stage, StageResult, file_sha256
 
 
 class TeacherStage(Stage):
@@ -32,11 +15,11 @@ class TeacherStage(Stage):
     all_processes = True
     resume_files = ("checkpoints/last", "metrics.jsonl", "best.pt")
 
-    def key_inputs(self, ctx: RunContext) -> dict[str, Any]:
-        t = ctx.cfg.teacher
-        ckpt = require_file(t.checkpoint, "teacher.checkpoint")
-        return {"teacher": to_dict(t), "checkpoint_sha256": _io.file_sha256(ckpt) if ckpt else None,
-                "data": ctx.data_key(), "seed": ctx.cfg.seed}
+    # trains and evaluates under the run's Accelerator, whose precision is distill.mixed_precision
+    reads = ("seed", "data", "teacher", "distill.mixed_precision")
+
+    def key_files(self, ctx: RunContext) -> dict[str, Any]:
+        return {"teacher.checkpoint": file_sha256(ctx.cfg.teacher.checkpoint, "teacher.checkpoint")}
 
     def run(self, ctx: RunContext, stage_dir: Path) -> StageResult:
         from ..training.loaders import make_loaders
@@ -58,7 +41,7 @@ class TeacherStage(Stage):
             summary.update(trained_epochs=result.epochs, train_seconds=round(result.seconds, 1),
                            best_top1=result.best_top1)
             teacher = acc.unwrap_model(teacher)
-        _, test_loader = make_loaders(data, cfg.data, cfg.distill.batch_size, cfg.seed)
+        _, test_loader = make_loaders(data, cfg.data, cfg.teacher.train.batch_size, cfg.seed)
         teacher = teacher.to(acc.device)
         summary["test"] = evaluate(teacher, acc.prepare_data_loader(test_loader), acc)
         summary["test_images"] = len(data.test.labels)

@@ -5,10 +5,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import _io
-from .._schema import to_dict
-from ..data import preprocess
 from ..deploy.baseline import accuracy_entry, data_sha256, measure_model, write_baseline
-from ..deploy.validate import model_key, validate_models
+from ..deploy.validate import model_key, per_model_inputs, validate_models
 from ._base import RunContext, Stage, StageResult
 
 
@@ -16,25 +14,23 @@ class ValidateStage(Stage):
     name = "validate"
     needs = ("export", "quantize")
 
-    def key_inputs(self, ctx: RunContext) -> dict[str, Any]:
-        return {"validate": to_dict(ctx.cfg.validate), "data": ctx.data_key(), "seed": ctx.cfg.seed,
-                "threads": self.threads(ctx)}
+    # latency depends on the thread count: validate.threads, else the run's threads
+    reads = ("seed", "data", "validate", "threads")
 
     @staticmethod
     def threads(ctx: RunContext) -> int:
-        """validate.threads, else the run's threads: latency depends on it, so it keys the cache."""
+        """validate.threads, else the run's threads."""
         v = ctx.cfg.validate.threads
         return v if v is not None else ctx.cfg.threads
 
     def run(self, ctx: RunContext, stage_dir: Path) -> StageResult:
-        v, d = ctx.cfg.validate, ctx.cfg.data
+        v = ctx.cfg.validate
         data = ctx.data(need_train=False)
         test = data.test
         paths = [ctx.output("export", "teacher"), ctx.output("export", "student")]
         if ctx.has_output("quantize", "student_int8"):
             paths.append(ctx.output("quantize", "student_int8"))
-        images = preprocess(test.images, mean=d.mean, std=d.std, input_size=d.input_size)
-        result = validate_models(paths, images, test.labels, batch_sizes=v.batch_sizes, warmup=v.warmup,
+        result = validate_models(paths, per_model_inputs(test.images), test.labels, batch_sizes=v.batch_sizes, warmup=v.warmup,
                                  runs=v.runs, threads=self.threads(ctx), class_names=data.class_names,
                                  named=data.named, keep_correct=True)
         correct = result.pop("correct")
@@ -42,10 +38,10 @@ class ValidateStage(Stage):
         _io.write_json(out, result)
         outputs = {"results": out}
         if v.baseline_rounds:
-            outputs["baseline"] = self._baseline(ctx, paths, images, correct, test)
+            outputs["baseline"] = self._baseline(ctx, paths, correct, test)
         return StageResult(outputs=outputs, summary={"models": sorted(result["models"])})
 
-    def _baseline(self, ctx: RunContext, paths: list[Path], images: Any, correct: dict[str, Any], test: Any) -> Path:
+    def _baseline(self, ctx: RunContext, paths: list[Path], correct: dict[str, Any], test: Any) -> Path:
         """<run>/baseline.json, keyed by role (teacher, student, student.int8), for ``distill2deploy check``."""
         v = ctx.cfg.validate
         data_hash = data_sha256(test.images, test.labels)
