@@ -269,7 +269,6 @@ def check_config(cfg: PipelineConfig) -> None:
     """Cross-field checks the types alone cannot express."""
     from .methods import get_method  # the method validates its own options
     from .models.factory import check_model_name
-    from .training.processes import runs_on_cpu
 
     check_model_name(cfg.teacher.model, "teacher.model")
     check_model_name(cfg.student.model, "student.model")
@@ -294,10 +293,6 @@ def check_config(cfg: PipelineConfig) -> None:
     if cfg.teacher.reset_head and cfg.teacher.train.epochs < 1:
         raise UserError("a re-initialised head is random until it is trained", where="teacher.reset_head",
                         fix="set teacher.train.epochs >= 1 to fine-tune the teacher, or reset_head: false")
-    if cfg.distill.mixed_precision == "fp16" and runs_on_cpu():
-        # Accelerate would silently train in fp32: there is no fp16 autocast/GradScaler on CPU.
-        raise UserError("fp16 mixed precision needs a GPU; this process runs on CPU",
-                        where="distill.mixed_precision", fix="use bf16 on CPU, or 'no'")
     get_method(cfg.distill.method).parse_options(cfg.distill.options)
 
 
@@ -312,6 +307,15 @@ INERT_KEYS: tuple[str, ...] = ("data.num_workers",)
 MODEL_SECTIONS: tuple[str, ...] = ("seed", "data", "teacher", "student", "distill", "export")
 
 
+def effective_options(cfg: PipelineConfig) -> dict[str, Any]:
+    """The method's options with its defaults filled in: a key over what the user wrote alone would let a
+    changed default (e.g. ReviewKD's ``teacher_features``) reuse results trained under the old one."""
+    from .methods import get_method
+
+    method = get_method(cfg.distill.method)
+    return method.options_dict(method.parse_options(dict(cfg.distill.options or {})))
+
+
 def config_slice(cfg: PipelineConfig, paths: tuple[str, ...]) -> dict[str, Any]:
     """The part of the config at ``paths`` (sections like ``data`` or keys like ``distill.mixed_precision``),
     as a nested dict shaped like :func:`config_dict`, without :data:`INERT_KEYS`: what a stage's cache
@@ -323,6 +327,8 @@ def config_slice(cfg: PipelineConfig, paths: tuple[str, ...]) -> dict[str, Any]:
         for part in parents:
             src, dst = src[part], dst.setdefault(part, {})
         dst[leaf] = src[leaf]
+    if isinstance(out.get("distill"), dict) and "options" in out["distill"]:
+        out["distill"]["options"] = effective_options(cfg)
     for path in INERT_KEYS:
         *parents, leaf = path.split(".")
         node: Any = out

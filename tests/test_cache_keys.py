@@ -78,3 +78,13 @@ def test_a_configured_checkpoint_keys_by_content(tmp_path: Path) -> None:
     first = _keys(cfg, tmp_path)
     ckpt.write_bytes(b"two")
     assert {n for n, k in _keys(cfg, tmp_path).items() if k != first[n]} == ALL
+
+
+def test_method_options_key_by_their_effective_values(tmp_path: Path) -> None:
+    # Spelling out a default changes nothing; the default itself is in the key, so a release that changes a
+    # method's default (as ReviewKD's teacher_features did) reruns distill instead of reusing the old result.
+    base = _keys(_config(tmp_path, "distill.method=reviewkd"), tmp_path)
+    spelled = _keys(_config(tmp_path, "distill.method=reviewkd", "distill.options.teacher_features=preact"), tmp_path)
+    assert spelled == base
+    other = _keys(_config(tmp_path, "distill.method=reviewkd", "distill.options.teacher_features=output"), tmp_path)
+    assert {n for n in base if base[n] != other[n]} == AFTER_DISTILL

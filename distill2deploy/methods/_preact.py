@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,7 +41,9 @@ class PreActivation:
             relus = [m for m in _stage_module(inner, index).modules() if isinstance(m, nn.ReLU)] if wanted else []
             if relus:
                 candidates[pos] = relus
+        self._warn_kept = [index for index, wanted in zip(indices, preact) if wanted]
         if not candidates:
+            self._warn(model)
             return
         was_training = model.training
         model.eval()
@@ -67,6 +71,18 @@ class PreActivation:
                     self.relus[pos] = relu
         finally:
             model.train(was_training)
+        self._warn_kept = [index for pos, (index, wanted) in enumerate(zip(indices, preact))
+                           if wanted and pos not in self.relus]
+        self._warn(model)
+
+    def _warn(self, model: nn.Module) -> None:
+        """Say where a requested pre-activation feature is the stage output as returned: no ``nn.ReLU``
+        module ends that stage (a functional ReLU, a linear bottleneck, a pre-activation block)."""
+        if self._warn_kept:
+            name = type(model.model if isinstance(model, ResizeInput) else model).__name__
+            warnings.warn(f"teacher_features: preact: {name} stage(s) {self._warn_kept} have no ReLU module that "
+                          "ends them; their features are used as the network returns them", UserWarning,
+                          stacklevel=3)
 
     def _capture(self, model: nn.Module, x: Tensor, relus: dict[int, nn.ReLU]) -> tuple[Tensor, list[Tensor]]:
         inputs: dict[int, Tensor] = {}

@@ -2,8 +2,10 @@
 
 One process or many (``accelerate launch`` / ``torchrun``): everything that asks Accelerate about
 the processes goes through :func:`process_state`, which joins a multi-process CPU launch with gloo.
-What a user can get wrong in these settings (accumulation steps, checkpoint interval, fp16 on a
-machine without an accelerator) is refused when the config loads (:mod:`distill2deploy.config`).
+What a user can get wrong in these settings (accumulation steps, checkpoint interval) is refused when
+the config loads (:mod:`distill2deploy.config`). fp16 on a machine without an accelerator is refused
+here, when training starts: it depends on the machine, and a GPU-trained fp16 run must still validate,
+export and report on a CPU-only one.
 """
 from __future__ import annotations
 
@@ -50,6 +52,12 @@ def make_accelerator(cfg: DistillConfig, *, save_on_each_node: bool = False) -> 
     from accelerate.utils import ProjectConfiguration
 
     state = process_state()
+    if cfg.mixed_precision == "fp16" and runs_on_cpu():
+        # Accelerate would silently train in fp32: there is no fp16 autocast/GradScaler on CPU.
+        from ..errors import UserError
+
+        raise UserError("fp16 mixed precision needs a GPU; this process runs on CPU",
+                        where="distill.mixed_precision", fix="use bf16 on CPU, or 'no'")
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
     if is_initialized() and AcceleratorState().mixed_precision != cfg.mixed_precision and state.num_processes == 1:
