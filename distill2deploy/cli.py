@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import _io
 from .commands import check, serving
+from .deploy.runtimes import RUNTIMES
 from .errors import UserError
 
 STAGE_CMDS = ("teacher", "distill", "export", "quantize", "validate", "report")
@@ -32,14 +33,16 @@ EXAMPLES = {
     "export": """examples:
   distill2deploy export mobilenet.yaml                   # the pipeline's export stage
   distill2deploy export --model resnet56_cifar --checkpoint resnet56.pth --num-classes 100 --out resnet56.onnx
-  distill2deploy export --model resnet56_cifar --checkpoint resnet56.pth --data npz:sample.npz --out r56.onnx""",
+  distill2deploy export --model resnet56_cifar --checkpoint resnet56.pth --data npz:sample.npz --out r56.onnx
+  distill2deploy export --model shufflenetv2_cifar --random-init --num-classes 10 --out sv2.onnx   # latency only""",
     "quantize": """examples:
   distill2deploy quantize mobilenet.yaml                 # the pipeline's quantize stage
   distill2deploy quantize resnet56.onnx --data npz:sample.npz --out resnet56.int8.onnx --calib-samples 480""",
     "validate": """examples:
   distill2deploy validate mobilenet.yaml                 # the pipeline's validate stage
   distill2deploy validate exports/mobilenet -o validate.runs=500   # a run directory (its config.yaml)
-  distill2deploy validate resnet56.onnx resnet56.int8.onnx --data npz:sample.npz --json results.json""",
+  distill2deploy validate resnet56.onnx resnet56.int8.onnx --data npz:sample.npz --json results.json
+  distill2deploy validate r56.onnx r56.int8.onnx --data npz:sample.npz --runtime onnxruntime openvino""",
     "report": """examples:
   distill2deploy report mobilenet.yaml       # rewrite report.md/json and plots of a finished run
   distill2deploy report exports/mbv2_ce_seed1   # a run directory: its saved config.yaml and location""",
@@ -87,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config (omit when using --model)")
     p.add_argument("--model", help="timm model name (standalone export)")
     p.add_argument("--checkpoint", help="weights to load (strict)")
+    p.add_argument("--random-init", action="store_true",
+                   help="export with timm's random initialisation (no --checkpoint, no pretrained weights): "
+                   "a graph for latency benchmarks, its predictions are meaningless")
     p.add_argument("--num-classes", type=int, default=100, help="classifier size (default 100)")
     p.add_argument("--input-size", type=int, default=32, help="input side in pixels (default 32)")
     p.add_argument("--data", metavar="SOURCE", help="data source: class names and parity check on its test images")
@@ -113,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=200, help="timed runs per batch size (default 200)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--root", help="root for the 'cifar100' source (default $D2D_DATA)")
+    p.add_argument("--runtime", nargs="+", choices=RUNTIMES, metavar="RUNTIME",
+                   help="runtimes to measure in (onnxruntime, openvino), side by side; the first is the reference "
+                   "(default onnxruntime; with a config: validate.runtimes)")
     serving.add_parsers(sub, common)
     check.add_parser(sub)
     return parser
@@ -127,12 +136,14 @@ def _run_config(args: argparse.Namespace, until: str) -> int:
     from .pipeline import run_pipeline
 
     overrides = list(args.overrides) + ([f"threads={args.threads}"] if args.threads is not None else [])
+    if getattr(args, "runtime", None):
+        overrides.append(f"validate.runtimes=[{', '.join(args.runtime)}]")
     cfg, _ = load_config(args.config, overrides)
     out = args.out or (args.config if Path(args.config).is_dir() else None)  # a run directory: reuse it
     force = list(args.force) + (["report"] if args.command == "report" else [])
     ctx = run_pipeline(cfg, Path(out) if out else None, until=until, force=force)
     if ctx.is_main and until in ("validate", "report"):
-        _print_int8(json.loads(ctx.output("validate", "results").read_text()))
+        _print_verdicts(json.loads(ctx.output("validate", "results").read_text()))
     if ctx.is_main and until == "report":
         print(f"report: {ctx.run_dir / 'report.md'}")
     return 0
@@ -154,10 +165,12 @@ def _check_range(value: int, flag: str) -> None:
         raise UserError(f"{value} is out of range", where=flag, fix=f"use {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE}")
 
 
-def _print_int8(result: dict) -> None:
+def _print_verdicts(result: dict) -> None:
+    """Is INT8 worth it, and (with several runtimes) which runtime to deploy on."""
     from .deploy.int8_report import int8_lines, int8_summary
+    from .deploy.runtime_report import runtime_lines, runtime_summary
 
-    for line in int8_lines(int8_summary(result), result.get("settings", {})):
+    for line in [*int8_lines(int8_summary(result), result.get("settings", {})), *runtime_lines(runtime_summary(result))]:
         print(line)
 
 
@@ -171,6 +184,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return _run_config(args, "export")
     _require(args.model, "--model NAME (or a config)", "export")
     _require(args.out, "--out FILE.onnx", "export")
+    if args.random_init and args.checkpoint:
+        raise UserError("--random-init and --checkpoint exclude each other", where="export",
+                        fix="drop --random-init to export the checkpoint's weights")
     threads = _threads(args)
     _io.check_writable(args.out, "--out")
     _io.refuse_overwrite(args.out, [args.checkpoint], "--out")
@@ -181,7 +197,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .data import load_source, preprocess
     from .deploy.export import export_onnx
     from .deploy.metadata import build_metadata
-    from .models.factory import create_model
 
     if not MIN_OPSET <= args.opset <= max_opset():
         raise UserError(f"opset {args.opset} is outside what the exporter writes", where="--opset",
@@ -197,16 +212,35 @@ def _cmd_export(args: argparse.Namespace) -> int:
                             where="export", fix=f"pass --num-classes {src.num_classes}")
         class_names = src.class_names
         parity = preprocess(src.test.images[:1024], mean=mean, std=std, input_size=args.input_size)
-    model = create_model(args.model, num_classes=args.num_classes, checkpoint=args.checkpoint,
-                         pretrained=args.checkpoint is None)
+    model = _standalone_model(args)
     cfg_hash = _io.obj_sha256({"model": args.model, "checkpoint": _io.file_sha256(args.checkpoint)
-                               if args.checkpoint else None, "mean": mean, "std": std, "size": args.input_size})
+                               if args.checkpoint else None, "mean": mean, "std": std, "size": args.input_size,
+                               **({"init": "random"} if args.random_init else {})})
     meta = build_metadata(model_name=args.model, class_names=class_names, mean=mean, std=std,
                           input_size=args.input_size, config_hash=cfg_hash)
     info = export_onnx(model.eval(), Path(args.out), input_size=args.input_size, opset=args.opset, metadata=meta,
                        parity_inputs=parity, threads=threads)
     print(json.dumps(info, indent=2))
     return 0
+
+
+def _standalone_model(args: argparse.Namespace) -> object:
+    """The model of a standalone export: --checkpoint's weights, timm's pretrained ones, or (--random-init)
+    a seeded random initialisation; a model without pretrained weights needs one of the two flags."""
+    import torch
+
+    from .models.factory import check_model_name, create_model, has_pretrained
+
+    check_model_name(args.model, "--model")
+    if args.random_init:
+        torch.manual_seed(0)  # the same graph and weights on every run: same bytes
+        return create_model(args.model, num_classes=args.num_classes)
+    if args.checkpoint is None and not has_pretrained(args.model):
+        raise UserError(f"no pretrained weights are registered for {args.model!r}", where="export --model",
+                        fix="pass --checkpoint FILE with trained weights, or --random-init to export randomly "
+                        "initialised weights (for latency benchmarks only)")
+    return create_model(args.model, num_classes=args.num_classes, checkpoint=args.checkpoint,
+                        pretrained=args.checkpoint is None)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -265,12 +299,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     result = validate_models([Path(p) for p in args.config], images, test.labels, batch_sizes=args.batch_sizes,
                              warmup=args.warmup, runs=args.runs, threads=_threads(args),
-                             class_names=data.class_names, named=data.named)
-    for stem, m in result["models"].items():
-        lat = " ".join(f"p50@bs{bs} {v['p50']:.3f} ms" for bs, v in m["latency_ms"].items())
-        print(f"{stem}: top-1 {100 * m['accuracy']['top1']:.2f}% top-5 {100 * m['accuracy']['top5']:.2f}% "
-              f"(n={m['accuracy']['n']}) {lat} size {m['bytes'] / 1e6:.2f} MB")
-    _print_int8(result)
+                             class_names=data.class_names, named=data.named, runtimes=args.runtime or ["onnxruntime"])
+    runtimes = {result["settings"]["runtime"]: result["models"], **result.get("runtimes", {})}
+    for runtime, models in runtimes.items():
+        for stem, m in models.items():
+            lat = " ".join(f"p50@bs{bs} {v['p50']:.3f} ms" for bs, v in m["latency_ms"].items())
+            print(f"{stem} [{runtime}]: top-1 {100 * m['accuracy']['top1']:.2f}% top-5 {100 * m['accuracy']['top5']:.2f}% "
+                  f"(n={m['accuracy']['n']}) {lat} size {result['models'][stem]['bytes'] / 1e6:.2f} MB")
+    _print_verdicts(result)
     if args.json:
         _io.write_json(args.json, result)
     return 0

@@ -116,9 +116,9 @@ def unpack_bits(text: str, n: int) -> np.ndarray:
 
 def input_shape(session: Session, input_size: int | None) -> list[int]:
     """(C, H, W) the model is run at: the graph's fixed dims, the metadata's size for dynamic ones."""
-    shape = list(session.input_shape)[1:]
+    shape = list(session.inputs[0].shape)[1:]
     if len(shape) != 3:
-        raise UserError(f"expected an image model with NCHW input, got input shape {session.input_shape}")
+        raise UserError(f"expected an image model with NCHW input, got input shape {session.inputs[0].shape}")
     c = shape[0] if isinstance(shape[0], int) else 3
     hw = [d if isinstance(d, int) else input_size for d in shape[1:]]
     if any(d is None for d in hw):

@@ -15,7 +15,7 @@ def run_batched(session: Session, inputs: np.ndarray, batch_size: int,
 
     ``output_name`` (the metadata's ``output_name``) picks the output; ``None`` takes the first.
     """
-    shape, outputs = session.input_shape, session.output_names
+    shape, outputs = session.inputs[0].shape, [o.name for o in session.outputs]
     if output_name is not None and output_name not in outputs:
         raise UserError(f"the metadata names output {output_name!r} but the graph's outputs are {outputs}",
                         fix="re-export the model with distill2deploy (or correct metadata output_name)")

@@ -76,7 +76,7 @@ def measure_latency_many(
     sessions, feeds_shape = [], []
     for path, size, runtime in zip(paths, input_sizes, runtimes):
         session = make_session(path, threads=threads, runtime=runtime)
-        shape = session.input_shape
+        shape = session.inputs[0].shape
         fixed = [d for d in shape[2:] if isinstance(d, int)]
         if any(d != size for d in fixed):
             raise UserError(f"input_size {size} does not match the model input {shape}",

@@ -93,7 +93,7 @@ def _recommend(models: dict[str, dict[str, Any]], first: str) -> dict[str, Any]:
     everywhere = all(r == best for r in per_bs.values())
     why = (f"fastest at {'every batch size' if everywhere else 'the geometric mean of the batch sizes'}"
            f"{'' if everywhere else ' (' + ', '.join(f'@bs{bs}: {r}' for bs, r in per_bs.items()) + ')'}"
-           f", accuracy agrees with {first}")
+           + ("" if best == first else f", accuracy agrees with {first}"))
     excluded = sorted(set(rows) - set(ok))
     if excluded:
         why += f"; not considered because their accuracy differs: {', '.join(excluded)}"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -28,18 +28,26 @@ DEFAULT_RUNTIME = "onnxruntime"
 OPENVINO_INSTALL = 'pip install "distill2deploy[openvino]"'
 
 
+class Port(NamedTuple):
+    """A graph input or output, as onnxruntime's ``NodeArg`` describes it (same attribute names)."""
+
+    name: str
+    #: ONNX type string, e.g. ``tensor(float)``
+    type: str
+    #: dims: ``int`` where fixed, a name or None where dynamic (the batch)
+    shape: list[Any]
+
+
 class Session(Protocol):
     """A loaded model on one runtime. ``run`` is not re-entrant: one caller at a time (serve's
     batcher has one worker per model; validate and check call it from one thread)."""
 
     runtime: str
-    input_name: str
-    #: input dims, ``int`` where fixed, a name (or None) where dynamic (the batch)
-    input_shape: list[Any]
-    output_names: list[str]
+    inputs: list[Port]
+    outputs: list[Port]
 
     def run(self, batch: np.ndarray, output_name: str | None = None) -> np.ndarray:
-        """Outputs of one float32 batch: the output ``output_name``, or the first."""
+        """Outputs of one float32 batch for the first input: the output ``output_name``, or the first."""
 
 
 def check_runtime(name: str, where: str = "--runtime") -> str:
@@ -48,23 +56,23 @@ def check_runtime(name: str, where: str = "--runtime") -> str:
     return name
 
 
-def _openvino() -> Any:
+def _openvino(where: str = "--runtime openvino") -> Any:
     """The ``openvino`` module, or the UserError that says how to install it."""
     try:
         import openvino
     except ImportError:
-        raise UserError("the openvino runtime is not installed", where="--runtime openvino",
-                        fix=f"install the extra: {OPENVINO_INSTALL} (or use --runtime onnxruntime)") from None
+        raise UserError("the openvino runtime is not installed", where=where,
+                        fix=f"install the extra: {OPENVINO_INSTALL} (or use the onnxruntime runtime)") from None
     return openvino
 
 
-def runtime_version(name: str) -> str:
-    """Version of an installed runtime (a missing OpenVINO is the install UserError)."""
-    if check_runtime(name) == "onnxruntime":
+def runtime_version(name: str, where: str = "--runtime") -> str:
+    """Version of an installed runtime (a missing OpenVINO is the install UserError, naming ``where``)."""
+    if check_runtime(name, where) == "onnxruntime":
         import onnxruntime
 
         return onnxruntime.__version__
-    return _openvino().__version__.split("-")[0]
+    return _openvino(where).__version__.split("-")[0]
 
 
 class OnnxRuntimeSession:
@@ -74,19 +82,22 @@ class OnnxRuntimeSession:
 
     def __init__(self, session: Any) -> None:
         self.ort = session  # the raw session, for onnxruntime-only tools (profiling, providers)
-        inp = session.get_inputs()[0]
-        self.input_name, self.input_shape = inp.name, list(inp.shape)
-        self.input_type = inp.type
-        self.output_names = [o.name for o in session.get_outputs()]
-        self.output_shapes = [list(o.shape) for o in session.get_outputs()]
-        self.n_inputs = len(session.get_inputs())
+        self.inputs = [Port(p.name, p.type, list(p.shape)) for p in session.get_inputs()]
+        self.outputs = [Port(p.name, p.type, list(p.shape)) for p in session.get_outputs()]
 
     def run(self, batch: np.ndarray, output_name: str | None = None) -> np.ndarray:
-        return self.ort.run([output_name or self.output_names[0]], {self.input_name: batch})[0]
+        return self.ort.run([output_name or self.outputs[0].name], {self.inputs[0].name: batch})[0]
 
 
-def _dims(shape: Any) -> list[Any]:
-    return [d.get_length() if d.is_static else None for d in shape]
+#: OpenVINO element types -> ONNX type strings (what the server reports as the tensor's datatype)
+_OV_TYPES = {"f32": "tensor(float)", "f16": "tensor(float16)", "f64": "tensor(double)", "u8": "tensor(uint8)",
+             "i8": "tensor(int8)", "i32": "tensor(int32)", "i64": "tensor(int64)", "boolean": "tensor(bool)"}
+
+
+def _ov_port(port: Any) -> Port:
+    name = port.get_element_type().get_type_name()
+    return Port(port.get_any_name(), _OV_TYPES.get(name, name),
+                [d.get_length() if d.is_static else None for d in port.get_partial_shape()])
 
 
 class OpenVinoSession:
@@ -108,12 +119,9 @@ class OpenVinoSession:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = core.compile_model(model, "CPU", config)
         self.config = config
-        inp = self.compiled.inputs[0]
-        self.input_name, self.input_shape = inp.get_any_name(), _dims(inp.get_partial_shape())
-        self.input_type = "tensor(float)"
-        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
-        self.output_shapes = [_dims(o.get_partial_shape()) for o in self.compiled.outputs]
-        self.n_inputs = len(self.compiled.inputs)
+        self.inputs = [_ov_port(p) for p in self.compiled.inputs]
+        self.outputs = [_ov_port(p) for p in self.compiled.outputs]
+        self._names = [p.name for p in self.outputs]
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()  # an infer request must not be used by two threads at once
 
@@ -122,7 +130,7 @@ class OpenVinoSession:
         return self.compiled.get_property(key)
 
     def run(self, batch: np.ndarray, output_name: str | None = None) -> np.ndarray:
-        i = self.output_names.index(output_name) if output_name else 0
+        i = self._names.index(output_name) if output_name else 0
         with self._lock:
             # share_inputs: no copy of the batch; the outputs are copied out of the request's buffers
             return self._request.infer({0: batch}, share_inputs=True)[i]

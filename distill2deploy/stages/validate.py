@@ -1,4 +1,4 @@
-"""validate: accuracy and latency of every exported model, measured in onnxruntime."""
+"""validate: accuracy and latency of every exported model, measured in onnxruntime (and ``validate.runtimes``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,7 +36,7 @@ class ValidateStage(Stage):
         images = preprocess(test.images, mean=d.mean, std=d.std, input_size=d.input_size)
         result = validate_models(paths, images, test.labels, batch_sizes=v.batch_sizes, warmup=v.warmup,
                                  runs=v.runs, threads=self.threads(ctx), class_names=data.class_names,
-                                 named=data.named, keep_correct=True)
+                                 named=data.named, keep_correct=True, runtimes=v.runtimes)
         correct = result.pop("correct")
         out = stage_dir / "validate.json"
         _io.write_json(out, result)
@@ -54,7 +54,7 @@ class ValidateStage(Stage):
             role = model_key(path)
             print(f"[validate] baseline for {role}: {v.baseline_rounds} rounds against the reference workload")
             entry = measure_model(path, input_size=ctx.cfg.data.input_size, batch_sizes=v.batch_sizes,
-                                  rounds=v.baseline_rounds, threads=1)
+                                  rounds=v.baseline_rounds, threads=1, runtime=v.runtimes[0])
             entry["accuracy"] = accuracy_entry(correct[role], data_hash)
             entries[role] = entry
         out = ctx.run_dir / "baseline.json"
