@@ -72,11 +72,10 @@ def reference_model() -> onnx.ModelProto:
     return model
 
 
-def _block_timer(session: Session, feed: np.ndarray,
-                 cpu_clock: bool) -> Callable[[int, bool], tuple[float, float]]:
-    """(wall seconds, clock seconds) per run, timing ``n`` back-to-back runs as one block, after
+def block_timer(session: Session, feed: np.ndarray,
+                clock: Callable[[], float]) -> Callable[[int, bool], tuple[float, float]]:
+    """(wall seconds, ``clock`` seconds) per run, timing ``n`` back-to-back runs as one block, after
     one untimed run when ``warm`` (it refills caches the other network's block evicted)."""
-    clock = time.thread_time if cpu_clock else time.perf_counter
 
     def run(n: int, warm: bool = False) -> tuple[float, float]:
         if warm:
@@ -142,6 +141,7 @@ def measure_relative(
     ref = OnnxRuntimeSession(ort.InferenceSession(reference_model().SerializeToString(), session_options(threads),
                                                   providers=["CPUExecutionProvider"]))
     cpu_clock = threads == 1
+    clock = time.thread_time if cpu_clock else time.perf_counter
     rng = np.random.default_rng(seed)
     out: dict[str, dict[str, Any]] = {}
     gc_was_enabled = gc.isenabled()
@@ -151,8 +151,8 @@ def measure_relative(
                   leave=False) as bar:
             for bs in batch_sizes:
                 x_m = rng.standard_normal((bs, *input_shape), dtype=np.float32)
-                run_m = _block_timer(session, x_m, cpu_clock)
-                run_r = _block_timer(ref, rng.standard_normal((bs, *_REF_INPUT), dtype=np.float32), cpu_clock)
+                run_m = block_timer(session, x_m, clock)
+                run_r = block_timer(ref, rng.standard_normal((bs, *_REF_INPUT), dtype=np.float32), clock)
                 run_m(3), run_r(3)  # warm-up: first runs allocate arenas and pick kernels
                 plan = (plans or {}).get(str(bs))
                 if plan is None:
