@@ -41,6 +41,7 @@ from distill2deploy.deploy.machine import describe, fingerprint
 from distill2deploy.deploy.metadata import read_metadata
 from distill2deploy.deploy.regression import paired_accuracy
 from distill2deploy.deploy.runtimes import OpenVinoSession, runtime_version
+from distill2deploy.deploy.validate import check_classes
 from distill2deploy.models.factory import create_model
 
 STUDENTS = ["mobilenetv2_x0_5_cifar", "shufflenetv1_cifar", "shufflenetv2_cifar", "resnet20_cifar", "resnet8x4_cifar"]
@@ -138,7 +139,9 @@ def trained_accuracy(run_dir: Path, source: str, args: argparse.Namespace) -> di
 
     files = {"fp32": run_dir / "export" / "student.onnx", "int8-default": run_dir / "quantize" / "student.int8.onnx"}
     meta = read_metadata(files["fp32"])
-    test = load_source(source, need_train=False).test
+    src = load_source(source, need_train=False)
+    check_classes(meta, src.class_names, src.named, files["fp32"])  # other classes would score nonsense
+    test = src.test
     x = preprocess(test.images, mean=meta["mean"], std=meta["std"], input_size=meta["input_size"])
     correct, out = {}, {}
     for label, path in files.items():
@@ -153,14 +156,14 @@ def trained_accuracy(run_dir: Path, source: str, args: argparse.Namespace) -> di
 
 
 def table(results: dict[str, Any], batch_sizes: list[str]) -> list[str]:
-    head = f"{'model':<30}{'file':<17}{'runtime':<22}" + "".join(
+    head = f"{'model':<34}{'file':<17}{'runtime':<22}" + "".join(
         f"{'cpu ms@' + b:>11}{'±':>5}{'x ort32':>8}{'wall ms':>9}{'x ort32':>8}" for b in batch_sizes) + f"{'top-1':>8}"
     lines = [head, "-" * len(head)]
     for model, m in results["models"].items():
         for key in m["timing"][batch_sizes[0]]:
             label, runtime = key.split(" | ")
             acc = m.get("accuracy", {}).get("top1", {}).get(f"{label} {runtime}")
-            line = f"{model:<30}{label:<17}{runtime:<22}"
+            line = f"{model:<34}{label:<17}{runtime:<22}"
             for b in batch_sizes:
                 t = m["timing"][b][key]
                 line += (f"{t['cpu_ms_median']:>11.3f}{100 * t['cpu_ms_spread']:>4.0f}%{t['cpu_ms_ratio']:>8.2f}"

@@ -182,3 +182,51 @@ def test_export_random_init_writes_the_same_graph_twice(tmp_path):
     from distill2deploy.deploy.metadata import read_metadata
 
     assert read_metadata(a)["num_classes"] == 10
+
+
+def test_check_compares_only_within_one_runtime(models, tmp_path, capsys):
+    from .test_check import FAST
+
+    baseline = tmp_path / "baseline.json"
+    assert main(["check", str(models["fp32"]), "--baseline", str(baseline), "--update-baseline", *FAST]) == 0
+    assert json.loads(baseline.read_text())["roles"]["tiny"]["machine"]["runtime"] == "onnxruntime"
+    capsys.readouterr()
+    assert main(["check", str(models["fp32"]), "--baseline", str(baseline), "--runtime", "openvino", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "timed on onnxruntime, not openvino" in err and "--update-baseline --role tiny.openvino" in err
+    if HAVE_OPENVINO:  # a baseline of its own: recorded and checked on OpenVINO
+        assert main(["check", str(models["fp32"]), "--baseline", str(baseline), "--update-baseline", "--role",
+                     "tiny.openvino", "--runtime", "openvino", *FAST]) == 0
+        entry = json.loads(baseline.read_text())["roles"]["tiny.openvino"]
+        assert entry["machine"]["runtime"] == "openvino" and entry["machine"]["openvino"]
+        assert main(["check", str(models["fp32"]), "--baseline", str(baseline), "--role", "tiny.openvino",
+                     *FAST]) in (0, 1)  # the runtime comes from the baseline; the verdict is the load's business
+        assert "on openvino" in capsys.readouterr().err
+
+
+@needs_openvino
+def test_serve_on_openvino_through_the_micro_batcher(models):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from distill2deploy.serving import create_app
+
+    x = np.random.default_rng(3).standard_normal((12, 3, SIZE, SIZE), dtype=np.float32)
+    want = run_batched(make_session(models["fp32"], threads=1), x, 16)
+    app = create_app([models["fp32"]], threads=1, max_batch=8, max_delay_ms=20, runtime="openvino")
+    with TestClient(app) as client:
+        assert client.get("/v2/models/tiny").json()["platform"] == "openvino"
+
+        def infer(i: int) -> np.ndarray:
+            body = {"inputs": [{"name": "input", "shape": [1, 3, SIZE, SIZE], "datatype": "FP32",
+                                "data": x[i].ravel().tolist()}]}
+            r = client.post("/v2/models/tiny/infer", json=body)
+            assert r.status_code == 200, r.text
+            return np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(1, CLASSES)
+
+        with ThreadPoolExecutor(6) as pool:  # concurrent requests share micro-batches
+            got = np.concatenate(list(pool.map(infer, range(len(x)))))
+        metrics = client.get("/metrics").text
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert 'model="tiny"' in metrics

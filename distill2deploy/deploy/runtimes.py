@@ -105,20 +105,18 @@ class OpenVinoSession:
 
     runtime = "openvino"
 
-    def __init__(self, path: Path, *, threads: int | None, hint: str = "LATENCY",
-                 extra: dict[str, Any] | None = None) -> None:
-        ov = _openvino()
-        core = ov.Core()
-        try:
-            model = core.read_model(str(path))
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f"OpenVINO cannot read the model ({type(e).__name__}: {str(e)[:300]})",
-                            where=str(path), fix="re-export it with distill2deploy, or use --runtime onnxruntime") from None
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": hint, **(extra or {})}
+    def __init__(self, path: Path, *, threads: int | None, hint: str = "LATENCY") -> None:
+        """``hint`` is OpenVINO's ``PERFORMANCE_HINT``: LATENCY (one stream: a call uses every thread)
+        or THROUGHPUT (several streams for concurrent requests; with one thread, the same)."""
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": hint}
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.compiled = core.compile_model(model, "CPU", config)
-        self.config = config
+        core = _openvino().Core()
+        try:
+            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"OpenVINO cannot load the model ({type(e).__name__}: {str(e)[:300]})",
+                            where=str(path), fix="re-export it with distill2deploy, or use --runtime onnxruntime") from None
         self.inputs = [_ov_port(p) for p in self.compiled.inputs]
         self.outputs = [_ov_port(p) for p in self.compiled.outputs]
         self._names = [p.name for p in self.outputs]
