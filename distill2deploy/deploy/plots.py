@@ -86,7 +86,7 @@ def plot_accuracy_latency(report: dict[str, Any], path: str | os.PathLike[str], 
             ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel(f"p50 latency at batch {bs} (ms, CPU)")
+        ax.set_xlabel(f"p50 wall latency at batch {bs} (ms, on the CPU)")
         ax.set_ylabel("top-1 accuracy (%)")
         ax.set_title(f"batch {bs}", fontsize=10)
         ax.grid(True, alpha=0.3, which="both")
