@@ -153,6 +153,10 @@ class ValidateConfig:
     warmup: int = doc(20, "untimed runs before timing", ge=0)
     runs: int = doc(200, "timed runs per batch size (at least 200 for the report's percentiles)", ge=1)
     threads: int | None = doc(None, "onnxruntime intra-op threads for validation (null: the top-level threads)", ge=1)
+    runtimes: list[Literal["onnxruntime", "openvino"]] = doc(
+        ["onnxruntime"], "runtimes that run the exported files; the first is the one the report's figures and "
+        "baseline.json use, the others are compared with it side by side (accuracy must agree; latency ratios; "
+        "which to deploy). openvino needs pip install \"distill2deploy[openvino]\"")
     baseline_rounds: int = doc(15, "timing rounds per model and batch size of <run>/baseline.json, the baseline "
                                "`distill2deploy check` compares with (1 thread; 0: write none)", ge=0)
 
@@ -267,6 +271,7 @@ def check_normalization(mean: list[float], std: list[float], where: str) -> None
 
 def check_config(cfg: PipelineConfig) -> None:
     """Cross-field checks the types alone cannot express."""
+    from .deploy.runtimes import runtime_version
     from .methods import get_method  # the method validates its own options
     from .models.factory import check_model_name
 
@@ -276,6 +281,12 @@ def check_config(cfg: PipelineConfig) -> None:
     check_normalization(cfg.data.mean, cfg.data.std, where="data.mean/data.std")
     if not cfg.validate.batch_sizes:
         raise UserError("no batch sizes to measure", where="validate.batch_sizes", fix="e.g. [1, 64]")
+    runtimes = cfg.validate.runtimes
+    if not runtimes or len(set(runtimes)) != len(runtimes):
+        raise UserError(f"runtimes must be distinct and at least one, got {runtimes}", where="validate.runtimes",
+                        fix="e.g. [onnxruntime] or [onnxruntime, openvino]")
+    for runtime in runtimes:  # a missing extra fails now, not after hours of training
+        runtime_version(runtime, where="validate.runtimes")
     if cfg.validate.baseline_rounds != 0 and cfg.validate.baseline_rounds < 5:
         raise UserError(f"baseline_rounds is {cfg.validate.baseline_rounds}: a significance test needs 5 or more",
                         where="validate.baseline_rounds", fix="use 15 (the default), or 0 to write no baseline")

@@ -10,6 +10,7 @@ from typing import Any
 
 from . import _io
 from .deploy.int8_report import int8_markdown, int8_summary
+from .deploy.runtime_report import runtime_markdown, runtime_summary
 
 
 def build_report(run_dir: Path, manifests: dict[str, dict[str, Any]], config_hash: str, name: str) -> dict[str, Any]:
@@ -20,6 +21,7 @@ def build_report(run_dir: Path, manifests: dict[str, dict[str, Any]], config_has
         "models": validate["models"],
         "agreement": validate.get("agreement", {}),
         "int8": int8_summary(validate),
+        "runtimes": runtime_summary(validate),
         "machine": validate.get("settings", {}).get("machine"),
         "latency_settings": validate.get("settings", {}),
         "teacher": manifests["teacher"]["summary"],
@@ -47,7 +49,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{_pct(d['best_top1'])}).",
         "",
         *int8_markdown(report.get("int8", {}), report.get("latency_settings", {})),
-        "## Measured in onnxruntime",
+        *runtime_markdown(report.get("runtimes", {})),
+        f"## Measured in {report.get('latency_settings', {}).get('runtime', 'onnxruntime')}",
         "",
     ]
     sizes = sorted({bs for m in report["models"].values() for bs in m["latency_ms"]}, key=int)

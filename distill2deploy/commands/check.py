@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..deploy.runtimes import DEFAULT_RUNTIME, RUNTIMES
 from ..errors import UserError
 
 EXAMPLES = """examples:
@@ -39,7 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="significance level of 'beyond budget' (default 0.05)")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="default: the baseline's (1 64 when writing one)")
     p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per batch size (default 15)")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: the baseline's, or 1)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: the baseline's, or 1)")
+    p.add_argument("--runtime", choices=RUNTIMES, help="runtime that runs the model (default: the baseline's, or "
+                   "onnxruntime; the reference workload always runs in onnxruntime)")
     p.add_argument("--update-baseline", action="store_true", help="measure and write this role's entry "
                    "(atomically), then exit 0")
     p.add_argument("--json", metavar="OUT.json", help="also write the figures and verdicts as JSON")
@@ -90,6 +93,12 @@ def run(args: argparse.Namespace) -> int:
                         f"not {threads}: relative latencies depend on the thread count", where=str(args.baseline),
                         fix=f"drop --threads (or pass --threads {then['machine']['threads']}), or re-record "
                         "the baseline with --update-baseline --threads N")
+    runtime = args.runtime or (then["machine"].get("runtime", DEFAULT_RUNTIME) if then else DEFAULT_RUNTIME)
+    if then and runtime != then["machine"].get("runtime", DEFAULT_RUNTIME):
+        raise UserError(f"the baseline entry {role!r} was timed on {then['machine'].get('runtime', DEFAULT_RUNTIME)}, "
+                        f"not {runtime}: relative latencies of two runtimes are not comparable", where=str(args.baseline),
+                        fix="drop --runtime, or record a baseline for this runtime with --update-baseline --role "
+                        f"{role}.{runtime} --runtime {runtime}")
     batch_sizes = args.batch_sizes or ([int(b) for b in then["latency"]] if then else [1, 64])
     if then:
         missing = [b for b in batch_sizes if str(b) not in then["latency"]]
@@ -107,14 +116,14 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--data {args.data} is not the image set the baseline's accuracy was measured on "
                             f"({acc['n']} images)", where=str(args.baseline),
                             fix="pass the same --data as when the baseline was written")
-    print(f"check {model.name} (role {role!r}): {args.rounds} rounds at batch size(s) "
+    print(f"check {model.name} (role {role!r}) on {runtime}: {args.rounds} rounds at batch size(s) "
           f"{', '.join(map(str, batch_sizes))}, {threads} thread(s), timed against the reference workload",
           file=sys.stderr)
     now = bl.measure_model(model, input_size=meta.get("input_size"), batch_sizes=batch_sizes, rounds=args.rounds,
                            threads=threads, images=data[0], labels=data[1], data_hash=data[2],
                            expect_shape=then["input_shape"] if then else None, where=str(args.baseline),
                            plans={bs: v["plan"] for bs, v in then["latency"].items()} if then else None,
-                           progress=sys.stderr.isatty())
+                           progress=sys.stderr.isatty(), runtime=runtime)
     if args.update_baseline:
         return _record(args, role, now)
     return _compare(args, role, then, now, threads, batch_sizes)
@@ -174,7 +183,8 @@ def _compare(args: argparse.Namespace, role: str, then: dict[str, Any], now: dic
                                    "passed": not failed, "regressed": failed, "figures": figures,
                                    "machine": now["machine"], "machine_differences": moved,
                                    "settings": {"rounds": args.rounds, "threads": threads, "alpha": args.alpha,
-                                                "batch_sizes": batch_sizes}})
+                                                "batch_sizes": batch_sizes,
+                                                "runtime": now["machine"]["runtime"]}})
     return 1 if failed else 0
 
 

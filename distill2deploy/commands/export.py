@@ -15,7 +15,8 @@ from .run import run_config
 EXAMPLES = """examples:
   distill2deploy export mobilenet.yaml                   # the pipeline's export stage
   distill2deploy export --model resnet56_cifar --checkpoint resnet56.pth --num-classes 100 --out resnet56.onnx
-  distill2deploy export --model resnet56_cifar --checkpoint resnet56.pth --data npz:sample.npz --out r56.onnx"""
+  distill2deploy export --model resnet56_cifar --checkpoint resnet56.pth --data npz:sample.npz --out r56.onnx
+  distill2deploy export --model shufflenetv2_cifar --random-init --num-classes 10 --out sv2.onnx   # latency only"""
 
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -25,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("config", nargs="?", help="YAML config (omit when using --model)")
     p.add_argument("--model", help="timm model name (standalone export)")
     p.add_argument("--checkpoint", help="weights to load (strict)")
+    p.add_argument("--random-init", action="store_true",
+                   help="export with timm's random initialisation (no --checkpoint, no pretrained weights): "
+                   "a graph for latency benchmarks, its predictions are meaningless")
     p.add_argument("--num-classes", type=int, default=100, help="classifier size (default 100)")
     p.add_argument("--input-size", type=int, default=32, help="input side in pixels (default 32)")
     p.add_argument("--data", metavar="SOURCE", help="data source: class names and parity check on its test images")
@@ -42,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
         return run_config(args, "export")
     require(args.model, "--model NAME (or a config)", "export")
     require(args.out, "--out FILE.onnx", "export")
+    if args.random_init and args.checkpoint:
+        raise UserError("--random-init and --checkpoint exclude each other", where="export",
+                        fix="drop --random-init to export the checkpoint's weights")
     n_threads = threads(args)
     _io.check_writable(args.out, "--out")
     _io.refuse_overwrite(args.out, [args.checkpoint], "--out")
@@ -54,7 +61,6 @@ def run(args: argparse.Namespace) -> int:
     from ..data import load_source
     from ..deploy.export import export_classifier
     from ..models import CIFAR100_MEAN, CIFAR100_STD
-    from ..models.factory import create_model
 
     if not MIN_OPSET <= args.opset <= max_opset():
         raise UserError(f"opset {args.opset} is outside what the exporter writes", where="--opset",
@@ -69,12 +75,31 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--data has {src.num_classes} classes but --num-classes is {args.num_classes}",
                             where="export", fix=f"pass --num-classes {src.num_classes}")
         class_names, test_images = src.class_names, src.test.images
-    model = create_model(args.model, num_classes=args.num_classes, checkpoint=args.checkpoint,
-                         pretrained=args.checkpoint is None)
+    model = _standalone_model(args)
     cfg_hash = _io.obj_sha256({"model": args.model, "checkpoint": _io.file_sha256(args.checkpoint)
-                               if args.checkpoint else None, "mean": mean, "std": std, "size": args.input_size})
+                               if args.checkpoint else None, "mean": mean, "std": std, "size": args.input_size,
+                               **({"init": "random"} if args.random_init else {})})
     info = export_classifier(model, Path(args.out), model_name=args.model, class_names=class_names, mean=mean,
                              std=std, input_size=args.input_size, opset=args.opset, config_hash=cfg_hash,
                              test_images=test_images, parity_samples=args.parity_samples, threads=n_threads)
     print(json.dumps(info, indent=2))
     return 0
+
+
+def _standalone_model(args: argparse.Namespace) -> object:
+    """The model of a standalone export: --checkpoint's weights, timm's pretrained ones, or (--random-init)
+    a seeded random initialisation; a model without pretrained weights needs one of the two flags."""
+    import torch
+
+    from ..models.factory import check_model_name, create_model, has_pretrained
+
+    check_model_name(args.model, "--model")
+    if args.random_init:
+        torch.manual_seed(0)  # the same graph and weights on every run: same bytes
+        return create_model(args.model, num_classes=args.num_classes)
+    if args.checkpoint is None and not has_pretrained(args.model):
+        raise UserError(f"no pretrained weights are registered for {args.model!r}", where="export --model",
+                        fix="pass --checkpoint FILE with trained weights, or --random-init to export randomly "
+                        "initialised weights (for latency benchmarks only)")
+    return create_model(args.model, num_classes=args.num_classes, checkpoint=args.checkpoint,
+                        pretrained=args.checkpoint is None)

@@ -40,20 +40,24 @@ def run_config(args: argparse.Namespace, until: str) -> int:
     from ..pipeline import run_pipeline
 
     overrides = list(args.overrides) + ([f"threads={args.threads}"] if args.threads is not None else [])
+    if getattr(args, "runtime", None):
+        overrides.append(f"validate.runtimes=[{', '.join(args.runtime)}]")
     cfg, _ = load_config(args.config, overrides)
     out = args.out or (args.config if Path(args.config).is_dir() else None)  # a run directory: reuse it
     force = list(args.force) + (["report"] if args.command == "report" else [])
     ctx = run_pipeline(cfg, Path(out) if out else None, until=until, force=force)
     if ctx.is_main and until in ("validate", "report"):
-        print_int8(json.loads(ctx.output("validate", "results").read_text()))
+        print_verdicts(json.loads(ctx.output("validate", "results").read_text()))
     if ctx.is_main and until == "report":
         print(f"report: {ctx.run_dir / 'report.md'}")
     return 0
 
 
-def print_int8(result: dict[str, Any]) -> None:
-    """The terminal's answer to "is INT8 worth it?" (the figures that open report.md)."""
+def print_verdicts(result: dict[str, Any]) -> None:
+    """The terminal's answers to "is INT8 worth it?" and, with several runtimes, "which runtime to deploy
+    on?" (the figures that open report.md)."""
     from ..deploy.int8_report import int8_lines, int8_summary
+    from ..deploy.runtime_report import runtime_lines, runtime_summary
 
-    for line in int8_lines(int8_summary(result), result.get("settings", {})):
+    for line in [*int8_lines(int8_summary(result), result.get("settings", {})), *runtime_lines(runtime_summary(result))]:
         print(line)

@@ -19,6 +19,7 @@ EXAMPLES = {
     "serve": """examples:
   distill2deploy serve exports/quickstart/quantize/student.int8.onnx --port 8000
   distill2deploy serve r56.onnx student.onnx --max-batch 64 --max-delay-ms 2 --threads 4
+  distill2deploy serve student.int8.onnx --runtime openvino   # pip install "distill2deploy[openvino]"
   curl -s -X POST --data-binary @cat.jpg 'localhost:8000/v2/models/student.int8/classify?top_k=3'
   curl -s localhost:8000/metrics""",
     "export-triton": """examples:
@@ -56,6 +57,7 @@ def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.Argument
     p.add_argument("--max-body-mb", type=float, default=10.0, help="largest request body; larger gets 413 (default 10)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
+    _runtime_option(p)
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("export-triton", parents=parents, formatter_class=fmt, epilog=EXAMPLES["export-triton"],
@@ -75,7 +77,16 @@ def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.Argument
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG/WebP/... files, any size and mode")
     p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _runtime_option(p)
     p.set_defaults(handler=cmd_predict)
+
+
+def _runtime_option(p: argparse.ArgumentParser) -> None:
+    from ..deploy.runtimes import DEFAULT_RUNTIME, RUNTIMES
+
+    p.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
+                   help=f"inference runtime (default {DEFAULT_RUNTIME}; openvino needs pip install "
+                   "\"distill2deploy[openvino]\")")
 
 
 def _check_can_listen(host: str, port: int) -> None:
@@ -108,12 +119,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     threads = args.threads if args.threads is not None else default_threads()
     app = create_app(args.models, names=args.name, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
-                     threads=threads, max_body_bytes=int(args.max_body_mb * 1e6))
+                     threads=threads, max_body_bytes=int(args.max_body_mb * 1e6), runtime=args.runtime)
     base = f"http://{args.host}:{args.port}"
     for name, m in app.state.models.items():
         print(f"model {name!r} from {m.path}: input {m.input.name} {m.input.shape}, output "
               f"{m.output.name} {m.output.shape}; POST {base}/v2/models/{name}/classify", flush=True)
-    print(f"batching: up to {args.max_batch} images or {args.max_delay_ms:g} ms; onnxruntime threads per model: "
+    print(f"batching: up to {args.max_batch} images or {args.max_delay_ms:g} ms; {args.runtime} threads per model: "
           f"{threads}; metrics: {base}/metrics", flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=args.access_log, timeout_graceful_shutdown=30)
@@ -155,7 +166,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UserError(f"--top-k must be >= 1, got {args.top_k}", where="predict")
     meta = read_metadata(args.model)
     x = preprocess_images([read_image(p) for p in args.images], meta)
-    logits = run_batched(make_session(args.model, threads=args.threads or 1), x, 64,
+    logits = run_batched(make_session(args.model, threads=args.threads or 1, runtime=args.runtime), x, 64,
                          output_name=meta.get("output_name"))
     results = [{"image": str(p), "top_k": t} for p, t in zip(args.images, top_k(logits, meta["class_names"],
                                                                                 args.top_k))]

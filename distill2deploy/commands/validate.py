@@ -7,14 +7,16 @@ from pathlib import Path
 
 from .. import _io
 from ..config import ValidateConfig
+from ..deploy.runtimes import RUNTIMES
 from ..errors import UserError
 from ._common import is_onnx, require, threads
-from .run import print_int8, run_config
+from .run import print_verdicts, run_config
 
 EXAMPLES = """examples:
   distill2deploy validate mobilenet.yaml                 # the pipeline's validate stage
   distill2deploy validate exports/mobilenet -o validate.runs=500   # a run directory (its config.yaml)
-  distill2deploy validate resnet56.onnx resnet56.int8.onnx --data npz:sample.npz --json results.json"""
+  distill2deploy validate resnet56.onnx resnet56.int8.onnx --data npz:sample.npz --json results.json
+  distill2deploy validate r56.onnx r56.int8.onnx --data npz:sample.npz --runtime onnxruntime openvino"""
 
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -28,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("--runs", type=int, default=v.runs, help=f"timed runs per batch size (default {v.runs})")
     p.add_argument("--warmup", type=int, default=v.warmup)
     p.add_argument("--root", help="root for the 'cifar100' source (default $D2D_DATA)")
+    p.add_argument("--runtime", nargs="+", choices=RUNTIMES, metavar="RUNTIME",
+                   help="runtimes to measure in (onnxruntime, openvino), side by side; the first is the reference "
+                   "(default onnxruntime; with a config: validate.runtimes)")
     p.set_defaults(handler=run)
 
 
@@ -50,12 +55,16 @@ def run(args: argparse.Namespace) -> int:
                        num_classes_key=f"num_classes in the metadata of {args.config[0]}")
     result = validate_models([Path(p) for p in args.config], per_model_inputs(data.test.images), data.test.labels,
                              batch_sizes=args.batch_sizes, warmup=args.warmup, runs=args.runs,
-                             threads=threads(args), class_names=data.class_names, named=data.named)
-    for stem, m in result["models"].items():
-        lat = " ".join(f"p50@bs{bs} {v['p50']:.3f} ms" for bs, v in m["latency_ms"].items())
-        print(f"{stem}: top-1 {100 * m['accuracy']['top1']:.2f}% top-5 {100 * m['accuracy']['top5']:.2f}% "
-              f"(n={m['accuracy']['n']}) {lat} size {m['bytes'] / 1e6:.2f} MB")
-    print_int8(result)
+                             threads=threads(args), class_names=data.class_names, named=data.named,
+                             runtimes=args.runtime or ["onnxruntime"])
+    runtimes = {result["settings"]["runtime"]: result["models"], **result.get("runtimes", {})}
+    for runtime, models in runtimes.items():
+        for stem, m in models.items():
+            lat = " ".join(f"p50@bs{bs} {v['p50']:.3f} ms" for bs, v in m["latency_ms"].items())
+            print(f"{stem} [{runtime}]: top-1 {100 * m['accuracy']['top1']:.2f}% top-5 "
+                  f"{100 * m['accuracy']['top5']:.2f}% (n={m['accuracy']['n']}) {lat} "
+                  f"size {result['models'][stem]['bytes'] / 1e6:.2f} MB")
+    print_verdicts(result)
     if args.json:
         _io.write_json(args.json, result)
     return 0

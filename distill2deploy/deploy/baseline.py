@@ -24,6 +24,7 @@ from ..errors import UserError
 from .benchmark import REFERENCE_VERSION, measure_relative
 from .evaluate import make_session, run_batched
 from .machine import fingerprint
+from .runtimes import DEFAULT_RUNTIME, Session
 from .metadata import read_metadata
 from .validate import model_key
 
@@ -113,11 +114,11 @@ def unpack_bits(text: str, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8))[:n].astype(bool)
 
 
-def input_shape(session: Any, input_size: int | None) -> list[int]:
+def input_shape(session: Session, input_size: int | None) -> list[int]:
     """(C, H, W) the model is run at: the graph's fixed dims, the metadata's size for dynamic ones."""
-    shape = list(session.get_inputs()[0].shape)[1:]
+    shape = list(session.inputs[0].shape)[1:]
     if len(shape) != 3:
-        raise UserError(f"expected an image model with NCHW input, got input shape {session.get_inputs()[0].shape}")
+        raise UserError(f"expected an image model with NCHW input, got input shape {session.inputs[0].shape}")
     c = shape[0] if isinstance(shape[0], int) else 3
     hw = [d if isinstance(d, int) else input_size for d in shape[1:]]
     if any(d is None for d in hw):
@@ -136,12 +137,14 @@ def measure_model(path: str | os.PathLike[str], *, input_size: int | None, batch
                   rounds: int, threads: int | None, images: np.ndarray | None = None,
                   labels: np.ndarray | None = None, data_hash: str | None = None,
                   expect_shape: Sequence[int] | None = None, where: str | None = None,
-                  plans: dict[str, dict[str, Any]] | None = None, progress: bool = True) -> dict[str, Any]:
+                  plans: dict[str, dict[str, Any]] | None = None, progress: bool = True,
+                  runtime: str = DEFAULT_RUNTIME) -> dict[str, Any]:
     """One baseline entry (or the "now" side of a check): latency rounds, and per-image top-1 when
     ``images`` (float32 NCHW, preprocessed) with ``labels`` are given. ``expect_shape`` (the
     baseline's input shape) is checked before any timing; ``plans`` (the baseline's timing plans per
-    batch size) make the timing procedure the baseline's."""
-    session = make_session(path, threads=threads)
+    batch size) make the timing procedure the baseline's. ``runtime`` runs the model (the entry's
+    machine records it: a check compares like with like)."""
+    session = make_session(path, threads=threads, runtime=runtime)
     shape = input_shape(session, input_size)
     if expect_shape is not None and list(expect_shape) != shape:
         raise UserError(f"the baseline was recorded for input shape {list(expect_shape)} (C, H, W), "
@@ -149,7 +152,7 @@ def measure_model(path: str | os.PathLike[str], *, input_size: int | None, batch
                         fix="check the model against its own baseline, or re-record with --update-baseline")
     entry: dict[str, Any] = {"file": Path(path).name, "model_sha256": _io.file_sha256(path),
                              "bytes": Path(path).stat().st_size, "input_shape": shape,
-                             "machine": fingerprint(threads), "rounds": int(rounds)}
+                             "machine": fingerprint(threads, runtime), "rounds": int(rounds)}
     if images is not None:
         # the output validate scores (the metadata's output_name), so a baseline and validate agree
         logits = run_batched(session, images, 256, output_name=read_metadata(path, require=False).get("output_name"))

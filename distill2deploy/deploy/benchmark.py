@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from .evaluate import session_options
+from .runtimes import OnnxRuntimeSession, Session, session_options
 
 #: Changing the reference graph changes every relative latency: bump this so old baselines are refused.
 REFERENCE_VERSION = "resnetlike32-v1"
@@ -72,18 +72,17 @@ def reference_model() -> onnx.ModelProto:
     return model
 
 
-def _block_timer(session: ort.InferenceSession, feed: dict[str, np.ndarray],
-                 cpu_clock: bool) -> Callable[[int, bool], tuple[float, float]]:
-    """(wall seconds, clock seconds) per run, timing ``n`` back-to-back runs as one block, after
+def block_timer(session: Session, feed: np.ndarray,
+                clock: Callable[[], float]) -> Callable[[int, bool], tuple[float, float]]:
+    """(wall seconds, ``clock`` seconds) per run, timing ``n`` back-to-back runs as one block, after
     one untimed run when ``warm`` (it refills caches the other network's block evicted)."""
-    clock = time.thread_time if cpu_clock else time.perf_counter
 
     def run(n: int, warm: bool = False) -> tuple[float, float]:
         if warm:
-            session.run(None, feed)
+            session.run(feed)
         w0, c0 = time.perf_counter(), clock()
         for _ in range(n):
-            session.run(None, feed)
+            session.run(feed)
         return (time.perf_counter() - w0) / n, (clock() - c0) / n
     return run
 
@@ -97,7 +96,7 @@ def _plan(t_m: float, t_r: float, block_seconds: float, round_seconds: float) ->
 
 
 def measure_relative(
-    session: ort.InferenceSession,
+    session: Session,
     input_shape: Sequence[int],
     *,
     batch_sizes: Sequence[int] = (1, 64),
@@ -119,7 +118,9 @@ def measure_relative(
     about ``round_seconds`` of alternating blocks (at least one pair); its ratio is
     ``median(model block) / median(reference block)``, per run.
 
-    With one thread, onnxruntime runs every op on the calling thread, and the ratio is taken on
+    With one thread, onnxruntime runs every op on the calling thread (so does OpenVINO's infer
+    request with ``INFERENCE_NUM_THREADS`` 1: measured here, its thread CPU time equals the process's),
+    and the ratio is taken on
     that thread's *CPU time* (``clock: "thread_cpu"``): time spent waiting for a core while other
     jobs run is not the model's cost. Measured here under load, this cut the round-to-round spread
     at batch 64 from 18-28% (wall clock) to 4-7%. With more threads the work is spread over
@@ -136,10 +137,11 @@ def measure_relative(
         raise UserError(f"batch sizes must be positive integers, got {batch_sizes}", fix="e.g. --batch-sizes 1 64")
     if int(rounds) < 5:
         raise UserError(f"rounds must be >= 5 for a significance test, got {rounds}", fix="e.g. --rounds 20")
-    ref = ort.InferenceSession(reference_model().SerializeToString(), session_options(threads),
-                               providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    # The reference always runs in onnxruntime: it is the yardstick, whichever runtime runs the model.
+    ref = OnnxRuntimeSession(ort.InferenceSession(reference_model().SerializeToString(), session_options(threads),
+                                                  providers=["CPUExecutionProvider"]))
     cpu_clock = threads == 1
+    clock = time.thread_time if cpu_clock else time.perf_counter
     rng = np.random.default_rng(seed)
     out: dict[str, dict[str, Any]] = {}
     gc_was_enabled = gc.isenabled()
@@ -149,8 +151,8 @@ def measure_relative(
                   leave=False) as bar:
             for bs in batch_sizes:
                 x_m = rng.standard_normal((bs, *input_shape), dtype=np.float32)
-                run_m = _block_timer(session, {name: x_m}, cpu_clock)
-                run_r = _block_timer(ref, {"input": rng.standard_normal((bs, *_REF_INPUT), dtype=np.float32)}, cpu_clock)
+                run_m = block_timer(session, x_m, clock)
+                run_r = block_timer(ref, rng.standard_normal((bs, *_REF_INPUT), dtype=np.float32), clock)
                 run_m(3), run_r(3)  # warm-up: first runs allocate arenas and pick kernels
                 plan = (plans or {}).get(str(bs))
                 if plan is None:

@@ -1,65 +1,21 @@
-"""Accuracy of ONNX models as onnxruntime runs them (the numbers a deployment will see)."""
+"""Accuracy of ONNX models as a runtime runs them (the numbers a deployment will see)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from ..errors import UserError
-from .metadata import load_model
+from .runtimes import Session, make_session, session_options  # noqa: F401  (the one place sessions are built)
 
 
-def session_options(threads: int | None = None, *, spin: bool = True) -> ort.SessionOptions:
-    """Options every session here uses: all graph optimisations (QDQ -> QLinear* fusion needs them).
-
-    ``threads`` sets the intra-op thread count; ``None`` keeps onnxruntime's default (one per
-    physical core). Inter-op parallelism stays off: these CNNs are a chain of ops, and a second
-    pool only competes for the same cores. ``spin=False`` stops idle intra-op threads from
-    busy-waiting for the next call: right for a server, whose event loop needs those cores between
-    batches; timing loops keep the default, which is faster for back-to-back calls.
-    """
-    if threads is not None and int(threads) < 1:
-        raise UserError(f"threads must be >= 1, got {threads}")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.inter_op_num_threads = 1
-    if threads is not None:
-        opts.intra_op_num_threads = int(threads)
-    if not spin:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3  # onnxruntime's warnings are about its own fusions, not user input
-    return opts
-
-
-def make_session(path: str | os.PathLike[str], *, threads: int | None = None,
-                 spin: bool = True) -> ort.InferenceSession:
-    """A CPU session for the model file at ``path`` with :func:`session_options`."""
-    p = Path(path)
-    opts = session_options(threads, spin=spin)
-    try:
-        return ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001
-        load_model(p, load_external_data=False)  # raises the friendlier UserError when it applies
-        raise UserError(f"onnxruntime cannot load the model ({type(e).__name__}: {str(e)[:300]})",
-                        where=str(p), fix="re-export the model with distill2deploy") from None
-
-
-def _input_meta(session: ort.InferenceSession) -> tuple[str, list]:
-    inp = session.get_inputs()[0]
-    return inp.name, list(inp.shape)
-
-
-def run_batched(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int,
+def run_batched(session: Session, inputs: np.ndarray, batch_size: int,
                 output_name: str | None = None) -> np.ndarray:
     """Run ``inputs`` through ``session`` in chunks; check the shape against the graph first.
 
     ``output_name`` (the metadata's ``output_name``) picks the output; ``None`` takes the first.
     """
-    name, shape = _input_meta(session)
-    outputs = [o.name for o in session.get_outputs()]
+    shape, outputs = session.inputs[0].shape, [o.name for o in session.outputs]
     if output_name is not None and output_name not in outputs:
         raise UserError(f"the metadata names output {output_name!r} but the graph's outputs are {outputs}",
                         fix="re-export the model with distill2deploy (or correct metadata output_name)")
@@ -75,15 +31,14 @@ def run_batched(session: ort.InferenceSession, inputs: np.ndarray, batch_size: i
     if int(batch_size) < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
-    wanted = [output_name] if output_name is not None else None
-    return np.concatenate([session.run(wanted, {name: inputs[i:i + batch_size]})[0]
+    return np.concatenate([session.run(inputs[i:i + batch_size], output_name)
                            for i in range(0, len(inputs), int(batch_size))])
 
 
 def predict_onnx(path: str | os.PathLike[str], inputs: np.ndarray, *, batch_size: int = 256,
-                 threads: int | None = None) -> np.ndarray:
+                 threads: int | None = None, runtime: str = "onnxruntime") -> np.ndarray:
     """Logits of ``inputs`` (float32 NCHW, already normalised) from the ONNX model at ``path``."""
-    return run_batched(make_session(path, threads=threads), inputs, batch_size)
+    return run_batched(make_session(path, threads=threads, runtime=runtime), inputs, batch_size)
 
 
 def _check_logits(logits: np.ndarray, what: str = "logits") -> np.ndarray:

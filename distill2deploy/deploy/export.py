@@ -192,7 +192,7 @@ def export_onnx(
         # Smoke-test the file itself at two batch sizes: the dynamic batch must really work.
         session = make_session(tmp_path, threads=threads)
         for b in (1, 3):
-            out = session.run([OUTPUT_NAME], {INPUT_NAME: np.zeros((b, in_chans, input_size, input_size), np.float32)})[0]
+            out = session.run(np.zeros((b, in_chans, input_size, input_size), np.float32), OUTPUT_NAME)
             if out.shape != (b, num_classes):
                 raise RuntimeError(f"exported model returned shape {out.shape} for batch {b}")
             _require_finite(out, "onnxruntime on a blank image")

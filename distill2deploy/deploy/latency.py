@@ -1,4 +1,4 @@
-"""CPU latency and throughput of ONNX models in onnxruntime.
+"""CPU latency and throughput of ONNX models in onnxruntime (or OpenVINO, see :mod:`.runtimes`).
 
 Percentiles rather than a mean are the headline: on a shared machine a few runs get preempted, and
 p50 is what a steady-state deployment sees. Each run is timed on its own with
@@ -16,12 +16,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from .evaluate import make_session
 from .machine import fingerprint
+from .runtimes import make_session
 
 
 def spread(values: Sequence[float]) -> float:
@@ -57,29 +56,33 @@ def measure_latency_many(
     progress: bool = True,
     rounds: int = 10,
     seed: int = 0,
+    runtimes: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`measure_latency` for several models at once, timed runs interleaved in ``rounds``.
 
-    Returns one result per path, in order.
+    ``runtimes`` gives each path's runtime (default: onnxruntime for all); the same file may be
+    listed once per runtime, so runtimes are compared under the same load. Returns one result per
+    path, in order.
     """
     batch_sizes = [int(b) for b in batch_sizes]
     if not batch_sizes or min(batch_sizes) < 1:
         raise UserError(f"batch sizes must be positive integers, got {batch_sizes}")
     if int(runs) < 1 or int(warmup) < 0:
         raise UserError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    if len(input_sizes) != len(paths):
-        raise ValueError("one input size per model is needed")
+    runtimes = list(runtimes) if runtimes is not None else ["onnxruntime"] * len(paths)
+    if len(input_sizes) != len(paths) or len(runtimes) != len(paths):
+        raise ValueError("one input size and one runtime per model are needed")
     runs, warmup = int(runs), int(warmup)
     sessions, feeds_shape = [], []
-    for path, size in zip(paths, input_sizes):
-        session = make_session(path, threads=threads)
-        inp = session.get_inputs()[0]
-        fixed = [d for d in inp.shape[2:] if isinstance(d, int)]
+    for path, size, runtime in zip(paths, input_sizes, runtimes):
+        session = make_session(path, threads=threads, runtime=runtime)
+        shape = session.inputs[0].shape
+        fixed = [d for d in shape[2:] if isinstance(d, int)]
         if any(d != size for d in fixed):
-            raise UserError(f"input_size {size} does not match the model input {inp.shape}",
+            raise UserError(f"input_size {size} does not match the model input {shape}",
                             where=os.fspath(path), fix="use the input_size from the model's metadata")
-        chans = inp.shape[1] if isinstance(inp.shape[1], int) else 3
-        sessions.append((session, inp.name))
+        chans = shape[1] if isinstance(shape[1], int) else 3
+        sessions.append(session)
         feeds_shape.append((chans, int(size), int(size)))
 
     rng = np.random.default_rng(seed)
@@ -89,37 +92,34 @@ def measure_latency_many(
     with tqdm(total=total, desc=f"latency {names}", unit="run", disable=not progress, leave=False) as bar:
         for bs in batch_sizes:
             # Random normal = the scale of normalised images; the same tensor for every model.
-            feeds = [{name: rng.standard_normal((bs, *shape), dtype=np.float32)}
-                     for (_, name), shape in zip(sessions, feeds_shape)]
-            for (session, _), feed in zip(sessions, feeds):
+            feeds = [rng.standard_normal((bs, *shape), dtype=np.float32) for shape in feeds_shape]
+            for session, feed in zip(sessions, feeds):
                 for _ in range(warmup):
-                    session.run(None, feed)
+                    session.run(feed)
                     bar.update()
             for chunk in _chunks(runs, rounds):
-                for m, ((session, _), feed) in enumerate(zip(sessions, feeds)):
+                for m, (session, feed) in enumerate(zip(sessions, feeds)):
                     out: list[float] = []
                     times[(m, bs)].append(out)
                     for _ in range(chunk):
                         t0 = time.perf_counter()
-                        session.run(None, feed)
+                        session.run(feed)
                         out.append(time.perf_counter() - t0)
                     bar.update(chunk)
                     bar.set_postfix_str(f"bs={bs}")
 
-    machine = fingerprint(threads)
-    settings = {
-        "warmup": warmup, "runs": runs, "rounds": rounds, "threads": threads,
-        "provider": "CPUExecutionProvider", "onnxruntime": ort.__version__,
-        "cpu": machine["cpu"], "cpu_count": os.cpu_count(), "machine": machine,
-    }
     results = []
-    for m in range(len(paths)):
+    for m, runtime in enumerate(runtimes):
         lat = {str(bs): _stats_ms(times[(m, bs)]) for bs in batch_sizes}
+        machine = fingerprint(threads, runtime)
         results.append({
             "latency_ms": lat,
             # from p50, not total time: a few preempted runs must not halve the headline figure
             "throughput_ips": {str(bs): float(bs * 1e3 / lat[str(bs)]["p50"]) for bs in batch_sizes},
-            "settings": dict(settings),
+            "settings": {"warmup": warmup, "runs": runs, "rounds": rounds, "threads": threads,
+                         "runtime": runtime,
+                         "provider": "CPUExecutionProvider" if runtime == "onnxruntime" else "CPU", "onnxruntime": machine["onnxruntime"],
+                         "cpu": machine["cpu"], "cpu_count": os.cpu_count(), "machine": machine},
         })
     return results
 
@@ -134,6 +134,7 @@ def measure_latency(
     threads: int | None = None,
     progress: bool = True,
     seed: int = 0,
+    runtime: str = "onnxruntime",
 ) -> dict[str, Any]:
     """Time ``runs`` single inferences per batch size after ``warmup`` untimed ones.
 
@@ -143,4 +144,4 @@ def measure_latency(
     """
     return measure_latency_many([path], input_sizes=[input_size], batch_sizes=batch_sizes,
                                 warmup=warmup, runs=runs, threads=threads, progress=progress,
-                                seed=seed)[0]
+                                seed=seed, runtimes=[runtime])[0]

@@ -14,6 +14,8 @@ from typing import Any
 
 import onnxruntime as ort
 
+from .runtimes import DEFAULT_RUNTIME, runtime_version
+
 #: CPU flags that change which onnxruntime kernels run (SIMD width, int8 dot products, matrix units).
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
              "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "sve", "i8mm")
@@ -36,23 +38,32 @@ def _cpuinfo() -> tuple[str | None, set[str]]:
     return model, flags
 
 
-def fingerprint(threads: int | None) -> dict[str, Any]:
-    """What a latency measurement depends on besides the model: CPU, cores, ISA, runtime, threads."""
+def fingerprint(threads: int | None, runtime: str = DEFAULT_RUNTIME) -> dict[str, Any]:
+    """What a latency measurement depends on besides the model: CPU, cores, ISA, runtime, threads.
+
+    ``onnxruntime`` is always recorded (the reference workload of ``check`` runs in it); ``runtime``
+    names the one that ran the model, with its version under its own name when it is another.
+    """
     model, flags = _cpuinfo()
-    return {
+    fp = {
         "cpu": model or platform.processor() or platform.machine(),
         "arch": platform.machine(),
         "cores": os.cpu_count(),
         "isa": sorted(f for f in ISA_FLAGS if f in flags),
         "onnxruntime": ort.__version__,
         "threads": threads,
+        "runtime": runtime,
     }
+    if runtime != "onnxruntime":
+        fp[runtime] = runtime_version(runtime)
+    return fp
 
 
 def differences(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """Human-readable differences between two fingerprints (empty when the machines match)."""
     out = []
-    for key in ("cpu", "arch", "cores", "onnxruntime", "threads"):
+    then = {"runtime": DEFAULT_RUNTIME, **then}  # fingerprints written before runtimes were recorded
+    for key in ("cpu", "arch", "cores", "runtime", "onnxruntime", "openvino", "threads"):
         if then.get(key) != now.get(key):
             out.append(f"{key}: baseline {then.get(key)!r}, now {now.get(key)!r}")
     lost = sorted(set(then.get("isa", [])) - set(now.get("isa", [])))
@@ -67,5 +78,6 @@ def describe(fp: dict[str, Any]) -> str:
     isa = [f for f in fp.get("isa", []) if "vnni" in f or "amx" in f or f in ("avx512f", "avx2", "asimddp")]
     threads = fp.get("threads")
     t = "onnxruntime's default threads" if threads is None else f"{threads} thread{'s' * (threads != 1)}"
+    runtime = fp.get("runtime", DEFAULT_RUNTIME)
     return (f"{fp.get('cpu')} ({fp.get('arch')}), {fp.get('cores')} cores, ISA {'/'.join(isa) or 'baseline'}, "
-            f"onnxruntime {fp.get('onnxruntime')}, {t}")
+            f"{runtime} {fp.get(runtime)}, {t}")

@@ -28,10 +28,24 @@ def _spread_labels(ax: Any, points: list[tuple[str, float, float]], min_gap_px: 
                     fontsize=8, arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6} if moved > 1 else None)
 
 
+def _runtime(report: dict[str, Any]) -> str:
+    return (report.get("runtimes") or {}).get("reference") or "onnxruntime"
+
+
+def _other_runtimes(report: dict[str, Any], bs: str) -> list[tuple[str, float, float, bool]]:
+    """(label, p50 ms, top-1 %, is INT8) of every model on the runtimes after the reference one
+    (the report's ``runtimes`` section, :func:`~.runtime_report.runtime_summary`)."""
+    summary = report.get("runtimes") or {}
+    return [(f"{name} [{runtime}]", row["p50_ms"][bs], 100.0 * row["top1"], name.endswith(".int8"))
+            for name, rows in summary.get("models", {}).items() for runtime, row in rows.items()
+            if runtime != summary["reference"] and bs in row["p50_ms"]]
+
+
 def plot_accuracy_latency(report: dict[str, Any], path: str | os.PathLike[str], *,
                           title: str | None = None) -> str:
     """Write a PNG: p50 latency (x, ms) against top-1 (y, %), one panel per batch size, one labelled
-    point per model (squares: INT8).
+    point per model (squares: INT8); models on further runtimes (the report's ``runtimes``) are
+    hollow points beside them.
 
     Every batch size the models share gets a panel (single-image latency is what an interactive
     deployment sees, batch 64 what a throughput one sees). The x axis turns logarithmic when the
@@ -62,19 +76,24 @@ def plot_accuracy_latency(report: dict[str, Any], path: str | os.PathLike[str], 
             ax.scatter([x], [y], marker="s" if int8 else "o", s=40, color="tab:orange" if int8 else "tab:blue",
                        zorder=3)
             points.append((name, x, y))
+        for name, x, y, int8 in _other_runtimes(report, bs):
+            ax.scatter([x], [y], marker="s" if int8 else "o", s=40, facecolors="none", edgecolors="tab:green",
+                       zorder=3)
+            points.append((name, x, y))
         xs = [p[1] for p in points]
         if max(xs) >= 10 * min(xs):
             ax.set_xscale("log")
             ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel(f"p50 latency at batch {bs} (ms, onnxruntime CPU)")
+        ax.set_xlabel(f"p50 wall latency at batch {bs} (ms, on the CPU)")
         ax.set_ylabel("top-1 accuracy (%)")
         ax.set_title(f"batch {bs}", fontsize=10)
         ax.grid(True, alpha=0.3, which="both")
         ax.margins(x=0.3, y=0.2)
         _spread_labels(ax, points)
-    fig.suptitle(title or "accuracy vs latency (squares: INT8)")
+    others = " hollow green: other runtimes;" if report.get("runtimes") else ""
+    fig.suptitle(title or f"accuracy vs latency (squares: INT8;{others} {_runtime(report)} otherwise)")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

@@ -15,6 +15,7 @@ from .evaluate import accuracy, agreement, make_session, run_batched
 from .latency import measure_latency_many, spread
 from .metadata import read_metadata
 from .regression import paired_accuracy
+from .runtimes import DEFAULT_RUNTIME, check_runtime
 
 Images = np.ndarray | Callable[[dict[str, Any]], np.ndarray]
 
@@ -82,8 +83,9 @@ def validate_models(
     class_names: Sequence[str] | None = None,
     named: bool = True,
     keep_correct: bool = False,
+    runtimes: Sequence[str] = (DEFAULT_RUNTIME,),
 ) -> dict[str, Any]:
-    """Accuracy and latency of each model in onnxruntime, plus int8/fp32 agreement.
+    """Accuracy and latency of each model in onnxruntime (or other ``runtimes``), plus int8/fp32 agreement.
 
     ``images`` is either one float32 NCHW array (already normalised) used for every model, or a
     callable ``images(metadata) -> float32 NCHW`` called once per model with that model's parsed
@@ -102,6 +104,11 @@ def validate_models(
     ``class_names`` are the data's classes (``named=False``: only their count is meaningful): a
     model whose metadata lists other classes is refused rather than scored against the wrong labels.
     Logits are read from the metadata's ``output_name`` when the model has one.
+
+    ``runtimes`` (see :mod:`.runtimes`): the first is the one every figure above is measured in;
+    each further runtime runs the same files on the same images, timed in the same interleaved
+    rounds, and lands in ``result["runtimes"][name][key]`` (``accuracy``, ``latency_ms``,
+    ``throughput_ips``, ``correct``-free): :func:`~.runtime_report.runtime_summary` compares them.
     """
     paths = [Path(p) for p in paths]
     if not paths:
@@ -113,9 +120,16 @@ def validate_models(
                         fix="validate them separately or rename them")
     labels = np.asarray(labels).reshape(-1)
     batch_sizes = tuple(int(b) for b in batch_sizes)
+    runtimes = [check_runtime(r, where="validate.runtimes") for r in runtimes]
+    if not runtimes or len(set(runtimes)) != len(runtimes):
+        raise UserError(f"runtimes must be distinct and at least one, got {runtimes}", where="validate.runtimes",
+                        fix="e.g. [onnxruntime, openvino]")
+    first, others = runtimes[0], runtimes[1:]
 
     models: dict[str, Any] = {}
     logits: dict[str, np.ndarray] = {}
+    other: dict[str, dict[str, Any]] = {r: {} for r in others}
+    other_logits: dict[str, dict[str, np.ndarray]] = {r: {} for r in others}
     sizes = []
     for key, path in zip(keys, paths):
         meta = read_metadata(path, require=callable(images))
@@ -127,17 +141,31 @@ def validate_models(
                             f"{type(x).__name__} {getattr(x, 'shape', None)}")
         if len(x) != len(labels):
             raise UserError(f"{len(x)} images but {len(labels)} labels")
-        logits[key] = run_batched(make_session(path, threads=threads), x, eval_batch_size,
-                                  output_name=meta.get("output_name"))
+        for runtime in runtimes:
+            out = run_batched(make_session(path, threads=threads, runtime=runtime), x, eval_batch_size,
+                              output_name=meta.get("output_name"))
+            if runtime == first:
+                logits[key] = out
+            else:
+                other_logits[runtime][key] = out
+                other[runtime][key] = {"accuracy": accuracy(out, labels)}
         sizes.append(int(meta.get("input_size", x.shape[-1])))
         models[key] = {"path": str(path), "bytes": path.stat().st_size,
                        "accuracy": accuracy(logits[key], labels)}
-    # All models timed together, interleaved, so that their latency ratios are fair.
-    lats = measure_latency_many(paths, input_sizes=sizes, batch_sizes=batch_sizes, warmup=warmup,
+    # All models (on every runtime) timed together, interleaved, so that their latency ratios are fair.
+    lats = measure_latency_many([p for p in paths for _ in runtimes], input_sizes=[s for s in sizes for _ in runtimes],
+                                runtimes=list(runtimes) * len(paths), batch_sizes=batch_sizes, warmup=warmup,
                                 runs=runs, threads=threads, progress=progress)
-    for key, lat in zip(keys, lats):
-        models[key]["latency_ms"] = lat["latency_ms"]
-        models[key]["throughput_ips"] = lat["throughput_ips"]
+    for i, key in enumerate(keys):
+        for j, runtime in enumerate(runtimes):
+            lat = lats[i * len(runtimes) + j]
+            block = models[key] if runtime == first else other[runtime][key]
+            block["latency_ms"], block["throughput_ips"] = lat["latency_ms"], lat["throughput_ips"]
+            if runtime != first:
+                block["agreement"] = agreement(other_logits[runtime][key], logits[key])
+                block["top1_change"] = paired_accuracy(logits[key].argmax(1) == labels,
+                                                       other_logits[runtime][key].argmax(1) == labels)
+                block["machine"] = lat["settings"]["machine"]
 
     pairs = {}
     latency_ratio, ratio_spread, top1_change = {}, {}, {}
@@ -162,6 +190,8 @@ def validate_models(
     result = {"models": models, "agreement": pairs, "latency_ratio": latency_ratio,
               "latency_ratio_spread": ratio_spread, "top1_change": top1_change,
               "settings": {"batch_sizes": list(batch_sizes), **lats[0]["settings"]}}
+    if others:
+        result["runtimes"] = other
     if keep_correct:
         result["correct"] = correct
     return result

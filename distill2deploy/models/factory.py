@@ -61,11 +61,16 @@ def check_model_name(name: str, where: str = "model name") -> None:
             )
 
 
-def _check_pretrained_exists(name: str, role: str | None) -> None:
+def has_pretrained(name: str) -> bool:
+    """Whether timm has weights registered for ``name`` (hub names ``hf-hub:...`` are assumed to)."""
     if parse_model_name(name)[0]:
-        return
+        return True
     cfg = get_pretrained_cfg(name)
-    if cfg is None or not cfg.has_weights:
+    return cfg is not None and bool(cfg.has_weights)
+
+
+def _check_pretrained_exists(name: str, role: str | None) -> None:
+    if not has_pretrained(name):
         arch = split_model_name_tag(name)[0]
         others = timm.list_pretrained(f"{arch}.*")
         raise UserError(

@@ -1,4 +1,4 @@
-"""The HTTP server: Open Inference Protocol (KServe v2) REST endpoints over onnxruntime, plus ``classify``.
+"""The HTTP server: Open Inference Protocol (KServe v2) REST endpoints over onnxruntime or OpenVINO, plus ``classify``.
 
 ``create_app`` loads every model up front (a broken file is a :class:`UserError` before the server
 listens, not a 500 on the first request) and returns a FastAPI app holding all of its state: the
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -29,6 +28,7 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..deploy.evaluate import make_session, run_batched
+from ..deploy.runtimes import DEFAULT_RUNTIME, Session
 from ..data import preprocess
 from ..deploy.images import decode_image, fit_images, top_k
 from ..deploy.metadata import read_metadata
@@ -39,7 +39,8 @@ from .metrics import ServerMetrics
 from .middleware import BodyLimit, RequestMetrics
 from .protocol import InferenceRequest, ProtocolError, TensorSpec, request_tensor, response_tensor, tensor_spec
 
-PLATFORM = "onnxruntime_onnx"  # Triton's platform name for ONNX models
+#: Triton's platform / backend names for ONNX files run by each runtime
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino"}
 MAX_FILES = 1024  # image parts accepted in one multipart classify request
 INLINE_DECODE_BYTES = 64 << 10  # smaller uploads are decoded on the event loop itself
 
@@ -54,10 +55,11 @@ class ServedModel:
     input: TensorSpec
     output: TensorSpec
     batcher: MicroBatcher
+    runtime: str = DEFAULT_RUNTIME
 
     def metadata(self) -> dict[str, Any]:
         """The protocol's model metadata, plus what a client needs to preprocess and read outputs."""
-        return {"name": self.name, "versions": ["1"], "platform": PLATFORM,
+        return {"name": self.name, "versions": ["1"], "platform": PLATFORMS[self.runtime],
                 "inputs": [self.input.model_dump()], "outputs": [self.output.model_dump()],
                 "parameters": {"class_names": self.meta["class_names"], "mean": self.meta["mean"],
                                "std": self.meta["std"], "input_size": self.meta["input_size"],
@@ -66,24 +68,25 @@ class ServedModel:
 
 
 def load_models(paths: Sequence[str | os.PathLike[str]], *, names: Sequence[str] | None, threads: int,
-                max_batch: int, max_delay_s: float, metrics: ServerMetrics) -> dict[str, ServedModel]:
+                max_batch: int, max_delay_s: float, metrics: ServerMetrics,
+                runtime: str = DEFAULT_RUNTIME) -> dict[str, ServedModel]:
     """Sessions and batchers for ``paths``; a model's name is its file stem unless ``names`` says otherwise."""
     names = model_names(paths, names, where="serve")
     models = {}
     for path, name in zip(paths, names):
         meta = read_metadata(path)  # a file without preprocessing metadata cannot be served correctly
-        session = make_session(path, threads=threads, spin=False)
-        if len(session.get_inputs()) != 1 or len(session.get_outputs()) != 1:
+        session = make_session(path, threads=threads, spin=False, runtime=runtime)
+        if len(session.inputs) != 1 or len(session.outputs) != 1:
             raise UserError("expected a model with one input and one output", where=str(path))
-        inp, out = tensor_spec(session.get_inputs()[0]), tensor_spec(session.get_outputs()[0])
+        inp, out = tensor_spec(session.inputs[0]), tensor_spec(session.outputs[0])
 
-        def run(parts: list[np.ndarray], session: ort.InferenceSession = session, meta: dict = meta) -> np.ndarray:
+        def run(parts: list[np.ndarray], session: Session = session, meta: dict = meta) -> np.ndarray:
             return run_batched(session, model_inputs(parts, meta), max_batch)
 
         batcher = MicroBatcher(name, run, max_batch=max_batch, max_delay_s=max_delay_s,
                                on_batch=lambda n, s, name=name: metrics.observe_batch(name, n, s),
                                on_queue=lambda d, name=name: metrics.set_queue_depth(name, d))
-        models[name] = ServedModel(name, Path(path), meta, inp, out, batcher)
+        models[name] = ServedModel(name, Path(path), meta, inp, out, batcher, runtime)
     return models
 
 
@@ -150,8 +153,9 @@ async def _read_images(request: Request, k: int) -> tuple[list[tuple[str, bytes]
 
 
 def create_app(paths: Sequence[str | os.PathLike[str]], *, names: Sequence[str] | None = None, max_batch: int = 32,
-               max_delay_ms: float = 5.0, threads: int = 1, max_body_bytes: int = 10_000_000) -> FastAPI:
-    """A FastAPI app serving the ONNX models at ``paths`` (run it with uvicorn)."""
+               max_delay_ms: float = 5.0, threads: int = 1, max_body_bytes: int = 10_000_000,
+               runtime: str = DEFAULT_RUNTIME) -> FastAPI:
+    """A FastAPI app serving the ONNX models at ``paths`` on ``runtime`` (run it with uvicorn)."""
     if not paths:
         raise UserError("no models to serve", where="serve", fix="pass one or more .onnx files")
     if max_batch < 1 or max_delay_ms < 0 or max_body_bytes < 1:
@@ -159,7 +163,7 @@ def create_app(paths: Sequence[str | os.PathLike[str]], *, names: Sequence[str] 
                         f"{max_delay_ms}, {max_body_bytes / 1e6:g}", where="serve")
     metrics = ServerMetrics()
     models = load_models(paths, names=names, threads=threads, max_batch=max_batch, max_delay_s=max_delay_ms / 1e3,
-                         metrics=metrics)
+                         metrics=metrics, runtime=runtime)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202

@@ -62,7 +62,8 @@ class TensorSpec(BaseModel):
 
 
 def tensor_spec(node: Any) -> TensorSpec:
-    """An onnxruntime ``NodeArg`` -> :class:`TensorSpec` (symbolic dims become -1)."""
+    """An onnxruntime ``NodeArg`` or a session's :class:`~distill2deploy.deploy.runtimes.Port` ->
+    :class:`TensorSpec` (symbolic dims become -1)."""
     return TensorSpec(name=node.name, datatype=ORT_TO_DATATYPE.get(node.type, node.type),
                       shape=[d if isinstance(d, int) else -1 for d in node.shape])
 

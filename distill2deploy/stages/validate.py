@@ -1,4 +1,4 @@
-"""validate: accuracy and latency of every exported model, measured in onnxruntime."""
+"""validate: accuracy and latency of every exported model, measured in onnxruntime (and ``validate.runtimes``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,7 +32,7 @@ class ValidateStage(Stage):
             paths.append(ctx.output("quantize", "student_int8"))
         result = validate_models(paths, per_model_inputs(test.images), test.labels, batch_sizes=v.batch_sizes, warmup=v.warmup,
                                  runs=v.runs, threads=self.threads(ctx), class_names=data.class_names,
-                                 named=data.named, keep_correct=True)
+                                 named=data.named, keep_correct=True, runtimes=v.runtimes)
         correct = result.pop("correct")
         out = stage_dir / "validate.json"
         _io.write_json(out, result)
@@ -50,7 +50,7 @@ class ValidateStage(Stage):
             role = model_key(path)
             print(f"[validate] baseline for {role}: {v.baseline_rounds} rounds against the reference workload")
             entry = measure_model(path, input_size=ctx.cfg.data.input_size, batch_sizes=v.batch_sizes,
-                                  rounds=v.baseline_rounds, threads=1)
+                                  rounds=v.baseline_rounds, threads=1, runtime=v.runtimes[0])
             entry["accuracy"] = accuracy_entry(correct[role], data_hash)
             entries[role] = entry
         out = ctx.run_dir / "baseline.json"
