@@ -35,7 +35,8 @@ EXAMPLES = {
   distill2deploy export --model resnet56_cifar --checkpoint resnet56.pth --data npz:sample.npz --out r56.onnx""",
     "quantize": """examples:
   distill2deploy quantize mobilenet.yaml                 # the pipeline's quantize stage
-  distill2deploy quantize resnet56.onnx --data npz:sample.npz --out resnet56.int8.onnx --calib-samples 480""",
+  distill2deploy quantize resnet56.onnx --data npz:sample.npz --out resnet56.int8.onnx --calib-samples 480
+  distill2deploy quantize resnet56.onnx --data npz:sample.npz --out resnet56.int8.onnx --search --max-drop 1.0""",
     "validate": """examples:
   distill2deploy validate mobilenet.yaml                 # the pipeline's validate stage
   distill2deploy validate exports/mobilenet -o validate.runs=500   # a run directory (its config.yaml)
@@ -103,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-type", choices=["uint8", "int8"], default="uint8")
     p.add_argument("--calibrate-method", choices=["minmax", "entropy", "percentile"], default="minmax")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
+    p.add_argument("--search", action="store_true", help="search calibration, weight granularity and float nodes "
+                   "on held-out training images; keep the fastest within --max-drop (config: quantize.search)")
+    p.add_argument("--max-drop", type=float, default=None, metavar="POINTS",
+                   help="with --search: top-1 points the INT8 model may lose against fp32 (default 1.0)")
 
     p = sub.add_parser("validate", parents=common, formatter_class=fmt, epilog=EXAMPLES["validate"],
                        help="accuracy and latency in onnxruntime: a pipeline's models, or ONNX files")
@@ -210,7 +215,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    if args.max_drop is not None and not args.search:
+        raise UserError("--max-drop is the budget of the search", where="--max-drop", fix="add --search")
+    if args.max_drop is not None and args.max_drop < 0:
+        raise UserError(f"--max-drop must be >= 0, got {args.max_drop}", where="--max-drop", fix="e.g. --max-drop 1.0")
     if not _is_onnx(args.config):
+        args.overrides = list(args.overrides) + (["quantize.search=true"] if args.search else []) + (
+            [f"quantize.max_drop={args.max_drop}"] if args.max_drop is not None else [])
         return _run_config(args, "quantize")
     _require(args.data, "--data SOURCE", "quantize")
     _require(args.out, "--out FILE.int8.onnx", "quantize")
@@ -228,6 +239,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if n == 0:
         raise UserError(f"the calibration set has {len(train.labels)} images, fewer than one batch of {bs}",
                         where="quantize", fix="lower --calib-batch-size")
+    if args.search:
+        from .config import QuantizeConfig, ValidateConfig
+        from .deploy.quantize_search import search_from_config
+
+        q = QuantizeConfig(calib_batch_size=bs, max_drop=1.0 if args.max_drop is None else args.max_drop)
+        info = search_from_config(args.config, Path(args.out), images=train.images, labels=train.labels, q=q,
+                                  mean=meta["mean"], std=meta["std"], input_size=meta["input_size"], seed=0,
+                                  threads=_threads(args), batch_sizes=ValidateConfig().batch_sizes)
+        print(json.dumps(info, indent=2))
+        return 0
     idx = stratified_subset(train.labels, n, 0)
     calib = preprocess(train.images[idx], mean=meta["mean"], std=meta["std"], input_size=meta["input_size"])
     info = quantize_int8(args.config, Path(args.out), calib, calib_batch_size=bs,
