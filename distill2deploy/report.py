@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _io
-from .deploy.int8_report import int8_markdown, int8_summary
+from .deploy.int8_report import int8_markdown, int8_summary, search_markdown
 
 
 def build_report(run_dir: Path, manifests: dict[str, dict[str, Any]], config_hash: str, name: str) -> dict[str, Any]:
@@ -47,6 +47,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{_pct(d['best_top1'])}).",
         "",
         *int8_markdown(report.get("int8", {}), report.get("latency_settings", {})),
+        *search_markdown(report.get("quantize", {}).get("search", {})),
         "## Measured in onnxruntime",
         "",
     ]

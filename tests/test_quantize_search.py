@@ -115,3 +115,32 @@ def test_qat_exports_qdq_that_onnxruntime_runs_as_int8(tmp_path):
     q_zps = [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[2] in inits]
     assert q_zps and all(z.dtype == np.uint8 for z in q_zps)  # U8S8, what x86 onnxruntime runs fast
     assert info["parity"]["top1_agreement"] >= 0.9 and predict_onnx(tmp_path / "qat.onnx", x).shape == (16, CLASSES)
+
+
+@pytest.mark.slow
+def test_pipeline_search_and_qat_end_to_end(tmp_path):
+    """The quantize stage searches, adds a quantization-aware distilled student (qat.always), keeps one,
+    and the report shows every candidate's held-out accuracy and latency."""
+    pytest.importorskip("torchao")
+    import json
+
+    from distill2deploy.cli import main
+
+    from .test_pipeline import quick_args
+
+    run = tmp_path / "run"
+    assert main(quick_args(run, "-o", "quantize.search=true", "-o", "quantize.search_methods=[minmax]",
+                           "-o", "quantize.search_calib_samples=[32]", "-o", "quantize.search_float_activations=[1]",
+                           "-o", "quantize.search_samples=64", "-o", "quantize.search_runs=2",
+                           "-o", "quantize.qat.epochs=1", "-o", "quantize.qat.always=true",
+                           "-o", "quantize.qat.batch_size=32")) == 0
+    search = json.loads((run / "report.json").read_text())["quantize"]["search"]
+    names = [r["name"] for r in search["rows"]]
+    assert names[:3] == ["pc-minmax-32-u8", "pt-minmax-32-u8", "pc-minmax-32-u8-float1"]
+    assert names[3].startswith("qat-kd-1ep") and search["chosen"] in names and search["eval_samples"] == 64
+    assert all(r["latency_ratio"] > 0 and 0 <= r["top1"] <= 1 for r in search["rows"])
+    ops = {n.op_type for n in onnx.load(str(run / "quantize" / "qat" / "student.qat.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    md = (run / "report.md").read_text()
+    assert "## INT8 search" in md and all(f"`{n}`" in md for n in names)
+    assert (run / "quantize_search.png").stat().st_size > 0

@@ -26,6 +26,8 @@ Defaults, measured on ResNet-56/CIFAR-100 with benchmarks/quantize_latency.py (o
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -118,8 +120,10 @@ def calibrate(model_path: Path, reader: BatchCalibrationReader, calibrate_method
                                    calibrate_method=_choice(calibrate_method, _CALIB_METHODS, "calibrate_method"),
                                    extra_options=dict(_CALIB_OPTIONS.get(calibrate_method, {})))
     reader.rewind()
-    calibrator.collect_data(reader)
-    save_tensors_data(calibrator.compute_data(), cache_path)
+    with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print bin counts per call
+        calibrator.collect_data(reader)
+        ranges = calibrator.compute_data()
+    save_tensors_data(ranges, cache_path)
     return cache_path
 
 

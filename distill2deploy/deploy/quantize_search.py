@@ -180,9 +180,10 @@ def search_int8(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[s
                 fields = {f: base[f] for f in ("per_channel", "calibrate_method", "calib_samples", "activation_type")}
                 build(Candidate(**fields, float_activations=k), exclude)
 
+        # a few warm-up runs per model: the interleaved rounds already spread any warm-up left over
         timed = measure_latency_many([fp32_path, *paths], input_sizes=[input_size] * (len(paths) + 1),
                                      batch_sizes=batch_sizes, runs=runs, rounds=rounds, threads=threads,
-                                     progress=progress)
+                                     warmup=3, progress=progress)
         p50 = [{bs: t["latency_ms"][bs]["p50"] for bs in t["latency_ms"]} for t in timed]
         for row, lat in zip(rows, p50[1:]):
             row["latency_ms"] = lat
