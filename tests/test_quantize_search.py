@@ -7,6 +7,7 @@ import pytest
 from onnx import numpy_helper
 
 from distill2deploy.deploy import quantize_int8
+from distill2deploy.deploy.int8_report import search_markdown
 from distill2deploy.deploy.quantize_search import candidate_grid, held_out_split, pick, search_int8
 
 from .test_deploy import _inputs, exported  # noqa: F401  (the tiny exported model fixture)
@@ -76,6 +77,7 @@ def test_search_keeps_a_candidate_and_reports_every_one(exported, tmp_path):  # 
     assert info["within_budget"] and info["chosen"] == min(info["rows"], key=lambda r: r["latency_ratio"])["name"]
     assert out.is_file() and all(r["latency_ratio"] > 0 for r in info["rows"])
     assert not list(tmp_path.glob(".*"))  # scratch files removed
+    assert info["warning"] is None  # random labels: fp32 is far from memorising them
 
 
 # ---------------------------------------------------------------- quantization-aware distillation
@@ -144,3 +146,15 @@ def test_pipeline_search_and_qat_end_to_end(tmp_path):
     md = (run / "report.md").read_text()
     assert "## INT8 search" in md and all(f"`{n}`" in md for n in names)
     assert (run / "quantize_search.png").stat().st_size > 0
+
+
+def test_search_warns_when_the_model_has_memorised_the_held_out_images(exported, tmp_path):  # noqa: F811
+    from distill2deploy.deploy import predict_onnx
+
+    x = _inputs(96, seed=6)
+    y = predict_onnx(exported[0], x[64:]).argmax(1)  # fp32 is 100% right on these "training" labels
+    info = search_int8(exported[0], tmp_path / "best.onnx", calib_pool=x[:64], eval_inputs=x[64:], eval_labels=y,
+                       candidates=candidate_grid(["minmax"], [32])[:1], threads=1, batch_sizes=[1], runs=2,
+                       rounds=1, input_size=x.shape[-1], progress=False)
+    assert info["fp32_top1"] == 1.0 and "memorised" in info["warning"]
+    assert "memorised" in "\n".join(search_markdown(info))

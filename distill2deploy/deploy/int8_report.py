@@ -98,6 +98,7 @@ def search_markdown(search: dict[str, Any]) -> list[str]:
              f"training images (not the test split, not the calibration images). Latency: p50 relative to fp32, "
              f"mean over batch sizes, {search['threads']} thread(s), candidates and fp32 interleaved in "
              f"{search['rounds']} rounds of {search['runs']} runs in all per batch size.", "",
+             *([f"**Warning**: {search['warning']}.", ""] if search.get("warning") else []),
              "| candidate | held-out top-1 | drop (pts) | latency / fp32 | kept in float |", "|---|---|---|---|---|"]
     for r in sorted(search["rows"], key=lambda r: r["latency_ratio"]):
         mark = " (kept)" if r["name"] == search["chosen"] else ""
