@@ -137,6 +137,19 @@ class ExportConfig:
 
 
 @dataclass
+class QATConfig(ScheduleConfig):
+    """Quantization-aware distillation: the fallback when no searched INT8 variant is accurate enough."""
+
+    epochs: int = doc(0, "fine-tune the distilled student with fake quantization (torchao PT2E, the distill "
+                      "method's loss on) for this many epochs when no searched candidate is within "
+                      "quantize.max_drop; 0 never does (needs quantize.search and torchao)", ge=0)
+    lr: float = doc(0.001, "initial SGD learning rate (a fine-tune: about a tenth of distill.lr)", gt=0)
+    milestones: list[int] = doc([], "epochs at which the lr is multiplied by gamma", ge=1)
+    always: bool = doc(False, "fine-tune even when a searched candidate fits, adding it to the search's table "
+                       "(the fastest model within budget is still the one kept)")
+
+
+@dataclass
 class QuantizeConfig:
     enabled: bool = doc(True, "produce the INT8 student")
     calib_samples: int = doc(512, "training images used for calibration (rounded down to whole batches)", ge=1)
@@ -144,7 +157,27 @@ class QuantizeConfig:
     activation_type: Literal["uint8", "int8"] = doc("uint8", "activation type; uint8 (U8S8) is fastest on x86 VNNI")
     weight_type: Literal["int8", "uint8"] = doc("int8", "weight type")
     per_channel: bool = doc(True, "per-channel weight scales")
-    calibrate_method: Literal["minmax", "entropy", "percentile"] = doc("minmax", "onnxruntime calibration method")
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = doc("minmax", "onnxruntime calibration method "
+                                                                     "(entropy: KL threshold over 512 histogram bins)")
+    search: bool = doc(False, "search the INT8 variants below on held-out training images and keep the fastest "
+                       "within max_drop of fp32 (the settings above are then ignored; CLI: quantize --search)")
+    max_drop: float = doc(1.0, "search budget: top-1 points the INT8 model may lose against fp32 on the held-out "
+                          "training images (CLI: --max-drop)", ge=0)
+    search_samples: int = doc(1000, "held-out training images (never the test split, never the calibration "
+                              "images) that score the candidates; at most half the training images", ge=1)
+    search_methods: list[Literal["minmax", "entropy", "percentile"]] = doc(
+        ["minmax", "percentile", "entropy"], "calibration methods searched (each with per-channel and "
+        "per-tensor weights)")
+    search_calib_samples: list[int] = doc([128, 512], "calibration set sizes searched", ge=1)
+    search_activation_types: list[Literal["uint8", "int8"]] = doc(
+        ["uint8"], "activation types searched; int8 (S8S8) is left out by default: it ran 1.3-2.3x slower than "
+        "fp32 on x86 (onnxruntime's fast int8 kernels are U8S8)")
+    search_float_activations: list[int] = doc(
+        [4], "for each k, a candidate keeping the k activations of the most accurate per-channel candidate with "
+        "the lowest SQNR (onnxruntime qdq_loss_debug) in float", ge=1)
+    search_runs: int = doc(60, "timed runs per candidate and batch size (validate.batch_sizes, interleaved in 6 "
+                           "rounds, threads: validate.threads or threads)", ge=1)
+    qat: QATConfig = doc(QATConfig(), "quantization-aware distillation (fallback of the search)")
 
 
 @dataclass
@@ -294,6 +327,15 @@ def check_config(cfg: PipelineConfig) -> None:
         raise UserError(f"calib_samples ({cfg.quantize.calib_samples}) must be at least one batch "
                         f"({cfg.quantize.calib_batch_size})", where="quantize.calib_samples",
                         fix=f"set quantize.calib_samples >= {cfg.quantize.calib_batch_size} or lower quantize.calib_batch_size")
+    q = cfg.quantize
+    for key in ("search_methods", "search_calib_samples", "search_activation_types"):
+        if q.search and not getattr(q, key):
+            raise UserError("the search needs at least one value here", where=f"quantize.{key}",
+                            fix=f"list one or more values, or set quantize.search: false")
+    if q.qat.epochs and not q.search:
+        raise UserError("quantization-aware distillation is the search's fallback", where="quantize.qat.epochs",
+                        fix="set quantize.search: true (with quantize.qat.always: true to always run it), or "
+                            "quantize.qat.epochs: 0")
     for role in ("teacher", "student"):
         taken = sorted(set(getattr(cfg, role).model_kwargs) & _RESERVED_KWARGS)
         if taken:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _io
-from .deploy.int8_report import int8_markdown, int8_summary
+from .deploy.int8_report import int8_markdown, int8_summary, search_markdown
 from .deploy.runtime_report import runtime_markdown, runtime_summary
 
 
@@ -49,6 +49,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{_pct(d['best_top1'])}).",
         "",
         *int8_markdown(report.get("int8", {}), report.get("latency_settings", {})),
+        *search_markdown(report.get("quantize", {}).get("search", {})),
         *runtime_markdown(report.get("runtimes", {})),
         f"## Measured in {report.get('latency_settings', {}).get('runtime', 'onnxruntime')}",
         "",

@@ -85,3 +85,24 @@ def int8_markdown(summary: dict[str, dict[str, Any]], settings: dict[str, Any]) 
                   "and rerun `validate` on a quiet machine for absolute numbers:", ""]
         lines += [f"- {w}" for w in warnings] + [""]
     return lines
+
+
+def search_markdown(search: dict[str, Any]) -> list[str]:
+    """report.md's table of every INT8 candidate the quantize search scored (empty without a search)."""
+    if not search or not search.get("rows"):
+        return []
+    verdict = "within" if search["within_budget"] else "**not** within"
+    lines = ["## INT8 search", "",
+             f"Kept `{search['chosen']}`, the fastest candidate {verdict} the budget of {search['max_drop_pt']:g} "
+             f"top-1 points against fp32 ({100 * search['fp32_top1']:.2f}%) on {search['eval_samples']} held-out "
+             f"training images (not the test split, not the calibration images). Latency: p50 relative to fp32, "
+             f"mean over batch sizes, {search['threads']} thread(s), candidates and fp32 interleaved in "
+             f"{search['rounds']} rounds of {search['runs']} runs in all per batch size.", "",
+             *([f"**Warning**: {search['warning']}.", ""] if search.get("warning") else []),
+             "| candidate | held-out top-1 | drop (pts) | latency / fp32 | kept in float |", "|---|---|---|---|---|"]
+    for r in sorted(search["rows"], key=lambda r: r["latency_ratio"]):
+        mark = " (kept)" if r["name"] == search["chosen"] else ""
+        floats = len(r.get("nodes_to_exclude", [])) or ("-" if "qat_epochs" not in r else "QAT")
+        lines.append(f"| `{r['name']}`{mark} | {100 * r['top1']:.2f}% | {r['drop_pt']:+.2f} | "
+                     f"{r['latency_ratio']:.2f} | {floats} |")
+    return [*lines, "", "![INT8 search](quantize_search.png)", ""]

@@ -98,3 +98,27 @@ def plot_accuracy_latency(report: dict[str, Any], path: str | os.PathLike[str], 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return os.fspath(path)
+
+
+def plot_quantize_search(search: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Held-out top-1 drop against latency relative to fp32 for every searched INT8 candidate, with the
+    budget as a line and the kept one marked: the trade-off the search made, at a glance."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = search["rows"]
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for r in rows:
+        kept = r["name"] == search["chosen"]
+        ax.scatter(r["latency_ratio"], r["drop_pt"], s=60 if kept else 25, marker="*" if kept else "o",
+                   color="tab:green" if kept else ("tab:purple" if "qat_epochs" in r else "tab:blue"), zorder=3)
+    _spread_labels(ax, [(r["name"], r["latency_ratio"], r["drop_pt"]) for r in rows])
+    ax.axhline(search["max_drop_pt"], color="tab:red", ls="--", lw=1, label=f"budget {search['max_drop_pt']:g} pts")
+    ax.set_xlabel(f"p50 latency / fp32 (mean over batch sizes, {search['threads']} thread(s))")
+    ax.set_ylabel("top-1 drop vs fp32, held-out training images (pts)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)

@@ -1,29 +1,120 @@
-"""quantize: static INT8 (QDQ) student with onnxruntime, calibrated on training images."""
+"""quantize: static INT8 (QDQ) student with onnxruntime, calibrated on training images.
+
+With ``quantize.search`` the INT8 variants of :mod:`~distill2deploy.deploy.quantize_search` are
+scored on held-out training images and timed, and the fastest within ``quantize.max_drop`` is kept;
+when none is (or ``quantize.qat.always``), ``quantize.qat.epochs > 0`` fine-tunes the student with
+fake quantization and the distillation loss (:mod:`~distill2deploy.qat`) and adds it to the table.
+"""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import numpy as np
+
+from ..data import DataSource, Split, preprocess
+from ..deploy.evaluate import accuracy, make_session, run_batched
+from ..deploy.latency import measure_latency_many
 from ..deploy.quantize import calibration_inputs, quantize_int8
+from ..deploy.quantize_search import held_out_split, pick, search_from_config
 from ._base import RunContext, Stage, StageResult
 
 
 class QuantizeStage(Stage):
     name = "quantize"
-    needs = ("export",)
+    # teacher and distill: the weights quantization-aware distillation starts from
+    needs = ("teacher", "distill", "export")
 
     reads = ("seed", "data", "quantize")
+
+    def key_files(self, ctx: RunContext) -> dict[str, Any]:
+        """Beyond ``reads``, only with ``quantize.search``: the threads and batch sizes the search times its
+        candidates with decide which one is kept (without search, a timing change re-quantizes nothing)."""
+        if not ctx.cfg.quantize.search:
+            return {}
+        return {"search_timing": {"threads": self._threads(ctx), "batch_sizes": ctx.cfg.validate.batch_sizes}}
+
+    @staticmethod
+    def _threads(ctx: RunContext) -> int:
+        return ctx.cfg.validate.threads or ctx.cfg.threads
 
     def run(self, ctx: RunContext, stage_dir: Path) -> StageResult:
         q, d = ctx.cfg.quantize, ctx.cfg.data
         if not q.enabled:
             return StageResult(outputs={}, summary={"enabled": False})
-        calib = calibration_inputs(ctx.data(need_train=True).train, samples=q.calib_samples,
-                                   batch_size=q.calib_batch_size, seed=ctx.cfg.seed, mean=d.mean, std=d.std,
-                                   input_size=d.input_size, batch_key="quantize.calib_batch_size")
+        train = ctx.data(need_train=True).train
         out = stage_dir / "student.int8.onnx"
+        if q.search:
+            info = search_from_config(ctx.output("export", "student"), out, images=train.images, labels=train.labels,
+                                      q=q, mean=d.mean, std=d.std, input_size=d.input_size, seed=ctx.cfg.seed,
+                                      threads=self._threads(ctx), batch_sizes=ctx.cfg.validate.batch_sizes)
+            if q.qat.epochs and (q.qat.always or not info["within_budget"]):
+                self._add_qat(ctx, stage_dir, out, info)
+            verdict = "within" if info["within_budget"] else "NOT within"
+            print(f"[quantize] kept {info['chosen']} ({verdict} {q.max_drop} top-1 points of fp32)")
+            return StageResult(outputs={"student_int8": out}, summary={"search": info})
+        calib = calibration_inputs(train, samples=q.calib_samples, batch_size=q.calib_batch_size, seed=ctx.cfg.seed,
+                                   mean=d.mean, std=d.std, input_size=d.input_size,
+                                   batch_key="quantize.calib_batch_size")
         info = quantize_int8(ctx.output("export", "student"), out, calib, calib_batch_size=q.calib_batch_size,
                              activation_type=q.activation_type, weight_type=q.weight_type,
                              per_channel=q.per_channel, calibrate_method=q.calibrate_method,
                              threads=ctx.cfg.threads)
         print(f"[quantize] {out.name}: {info['bytes'] / 1e6:.2f} MB, calibrated on {info['calib_samples']} images")
         return StageResult(outputs={"student_int8": out}, summary=info)
+
+    def _add_qat(self, ctx: RunContext, stage_dir: Path, out: Path, info: dict[str, Any]) -> None:
+        """Fine-tune with fake quantization on the training images outside the held-out slice, score the
+        result on that slice, time it interleaved with fp32 and the searched choice, and keep it when it
+        is the fastest model within budget (or the only one closer to it)."""
+        from ..methods import get_method
+        from ..models.builders import build_student, build_teacher
+        from ..qat import convert_qat, export_qat, prepare_qat, qat_method
+        from ..training.loop import TrainOptions, train
+
+        cfg, q, d = ctx.cfg, ctx.cfg.quantize, ctx.cfg.data
+        data = ctx.data(need_train=True)
+        _, eval_idx = held_out_split(data.train.labels, max(q.search_calib_samples), q.search_samples, cfg.seed)
+        rest = np.setdiff1d(np.arange(len(data.train.labels)), eval_idx)
+        held_out = Split(images=data.train.images[eval_idx], labels=data.train.labels[eval_idx])
+        # the trainer's per-epoch "test" accuracy is the held-out training slice: the test split stays unseen
+        source = DataSource(train=Split(images=data.train.images[rest], labels=data.train.labels[rest]),
+                            test=held_out, class_names=data.class_names, named=data.named)
+        method_cls = get_method(cfg.distill.method)
+        options = method_cls.parse_options(cfg.distill.options)
+        student = build_student(cfg, data.num_classes, weights=ctx.output("distill", "weights"))
+        teachers = ([build_teacher(cfg, data.num_classes, weights=ctx.output("teacher", "weights"))]
+                    if method_cls.needs_teacher(options) else [])
+        prepared = prepare_qat(student, d.input_size)
+        method, used = qat_method(method_cls, options, student, prepared, teachers, num_classes=data.num_classes,
+                                  input_size=d.input_size)
+        print(f"[quantize] no candidate within budget: quantization-aware distillation ({used}), "
+              f"{q.qat.epochs} epochs" if not info["within_budget"] else
+              f"[quantize] quantization-aware distillation ({used}, quantize.qat.always), {q.qat.epochs} epochs")
+        result = train(ctx.accelerator, method, source, data_cfg=d, schedule=q.qat, seed=cfg.seed,
+                       out_dir=stage_dir / "qat", key=self.cache_key(ctx), desc=f"qat:{used}",
+                       options=TrainOptions(), section="quantize.qat")
+        x = preprocess(held_out.images, mean=d.mean, std=d.std, input_size=d.input_size)
+        qat_path = stage_dir / "qat" / "student.qat.onnx"
+        export_qat(convert_qat(prepared), qat_path, fp32_path=ctx.output("export", "student"),
+                   input_size=d.input_size, opset=cfg.export.opset, parity_inputs=x[:256],
+                   threads=self._threads(ctx), settings={"epochs": q.qat.epochs, "lr": q.qat.lr, "loss": used})
+        top1 = accuracy(run_batched(make_session(qat_path, threads=self._threads(ctx)), x, 128), held_out.labels)["top1"]
+        timed = measure_latency_many([ctx.output("export", "student"), out, qat_path], input_sizes=[d.input_size] * 3,
+                                     batch_sizes=ctx.cfg.validate.batch_sizes, runs=q.search_runs, rounds=6,
+                                     threads=self._threads(ctx))
+        p50 = [{bs: t["latency_ms"][bs]["p50"] for bs in t["latency_ms"]} for t in timed]
+        row = {"name": f"qat-{used}-{q.qat.epochs}ep", "qat_epochs": q.qat.epochs, "loss": used, "top1": top1,
+               "drop_pt": 100 * (info["fp32_top1"] - top1), "latency_ms": p50[2],
+               "latency_ratio": float(np.mean([p50[2][bs] / p50[0][bs] for bs in p50[0]])),
+               # the searched choice, timed again in this run: the ratio QAT vs PTQ that is fair
+               "ptq_choice_latency_ratio": float(np.mean([p50[1][bs] / p50[0][bs] for bs in p50[0]])),
+               "train_seconds": round(result.seconds, 1), "bytes": qat_path.stat().st_size}
+        print(f"[quantize] {row['name']}: top-1 {100 * top1:.2f}% (fp32 {100 * info['fp32_top1']:.2f}%), "
+              f"{row['latency_ratio']:.2f}x fp32 time")
+        chosen = next(r for r in info["rows"] if r["name"] == info["chosen"])
+        best = pick([{**chosen, "latency_ratio": row["ptq_choice_latency_ratio"]}, row], q.max_drop)
+        if best == 1 or (best is None and top1 > chosen["top1"]):
+            shutil.copyfile(qat_path, out)
+            info.update(chosen=row["name"], within_budget=best is not None)
+        info["rows"].append(row)

@@ -6,7 +6,7 @@ from typing import Any
 
 from .. import _io
 from ..config import MODEL_SECTIONS, config_hash
-from ..deploy.plots import plot_accuracy_latency
+from ..deploy.plots import plot_accuracy_latency, plot_quantize_search
 from ..report import build_report, plot_training_curves, render_markdown
 from ._base import RunContext, Stage, StageResult
 
@@ -30,6 +30,10 @@ def write_report(run_dir: Path, manifests: dict[str, dict[str, Any]], cfg_hash: 
     metrics = _io.read_jsonl(run_dir / manifests["distill"]["outputs"]["metrics"]["path"])
     outputs = {"json": run_dir / "report.json", "markdown": run_dir / "report.md",
                "accuracy_latency": run_dir / "accuracy_latency.png"}
+    search = report["quantize"].get("search")
+    if search:
+        plot_quantize_search(search, run_dir / "quantize_search.png")
+        outputs["quantize_search"] = run_dir / "quantize_search.png"
     if metrics:
         teacher_top1 = manifests["teacher"]["summary"].get("test", {}).get("top1")
         plot_training_curves(metrics, run_dir / "training_curves.png", f"{name}: distill", teacher_top1)

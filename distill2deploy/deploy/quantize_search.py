@@ -1,0 +1,232 @@
+"""Search INT8 variants under an accuracy budget: keep the fastest one that is accurate enough.
+
+Which quantization settings are best depends on the network (measured in issue 11: per-tensor
+weights were 5-7% faster at batch 1 for the depthwise-heavy students at no accuracy cost, but cost
+ResNet-56 0.5 pt; percentile calibration gave ShuffleNetV2 1-2 points more INT8/fp32 agreement), so
+instead of one default, candidates are built, scored and timed like Olive's auto-optimizer does:
+
+* **accuracy** on a held-out slice of the *training* data (:func:`held_out_split`): the test split
+  stays untouched for validate, and the slice never overlaps the calibration images;
+* **latency** with explicit threads, all candidates and fp32 interleaved in rounds
+  (:func:`~distill2deploy.deploy.latency.measure_latency_many`), so load on a shared machine hits
+  them alike; "fastest" is the mean over batch sizes of p50 latency relative to fp32;
+* **nodes kept in float** are chosen with onnxruntime's QDQ debugging tools
+  (``qdq_loss_debug``): the activations with the lowest signal-to-quantization-noise ratio in the
+  most accurate plain candidate stay float (their producer and consumer nodes are excluded).
+
+Activation type ``int8`` (S8S8) is not searched by default: on x86 onnxruntime's int8 kernels are
+U8S8 (VNNI multiplies unsigned by signed bytes) and S8S8 ran 1.3-2.3x *slower* than fp32 on
+ResNet-56 (see :mod:`~distill2deploy.deploy.quantize`); add it to the activation types to measure.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .._io import atomic_path, scratch_dir
+from ..data import stratified_subset
+from ..errors import UserError
+from .evaluate import accuracy, agreement, make_session, run_batched
+from .latency import measure_latency_many
+from .quantize import quantize_int8
+
+
+#: fp32 top-1 on the held-out training slice from which its drops say little (see search_int8)
+MEMORISED = 0.995
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One set of quantize_int8 settings."""
+
+    per_channel: bool = True
+    calibrate_method: str = "minmax"
+    calib_samples: int = 512
+    activation_type: str = "uint8"
+    #: the k activations with the worst SQNR kept in float (0: everything quantized)
+    float_activations: int = 0
+
+    @property
+    def name(self) -> str:
+        act = "u8" if self.activation_type == "uint8" else "s8"
+        base = f"{'pc' if self.per_channel else 'pt'}-{self.calibrate_method}-{self.calib_samples}-{act}"
+        return base + (f"-float{self.float_activations}" if self.float_activations else "")
+
+
+def candidate_grid(methods: Sequence[str], calib_sizes: Sequence[int],
+                   activation_types: Sequence[str] = ("uint8",)) -> list[Candidate]:
+    """Every combination of weight granularity, calibration method and size, and activation type."""
+    return [Candidate(per_channel=pc, calibrate_method=m, calib_samples=int(n), activation_type=a)
+            for a in dict.fromkeys(activation_types) for m in dict.fromkeys(methods)
+            for n in sorted(set(calib_sizes)) for pc in (True, False)]
+
+
+def held_out_split(labels: np.ndarray, calib_samples: int, eval_samples: int, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration, evaluation) indices into the *training* labels, disjoint and both stratified.
+
+    The evaluation slice is drawn first (at most half the images), calibration from the rest, so a
+    small training set still gets both; callers must never pass test labels here.
+    """
+    labels = np.asarray(labels)
+    n_eval = min(int(eval_samples), len(labels) // 2)
+    if n_eval < 1:
+        raise UserError(f"{len(labels)} training images are too few to hold out an evaluation slice",
+                        where="quantize.search_samples", fix="give more training images")
+    eval_idx = stratified_subset(labels, n_eval, seed)
+    rest = np.setdiff1d(np.arange(len(labels)), eval_idx)
+    calib_idx = rest[stratified_subset(labels[rest], min(int(calib_samples), len(rest)), seed + 1)]
+    return calib_idx, eval_idx
+
+
+def pick(rows: Sequence[dict[str, Any]], max_drop: float) -> int | None:
+    """Index of the fastest row (lowest ``latency_ratio``) whose ``drop_pt`` is within ``max_drop``;
+    ties go to the smaller drop. ``None`` when no row fits."""
+    fits = [i for i, r in enumerate(rows) if r["drop_pt"] <= max_drop]
+    return min(fits, key=lambda i: (rows[i]["latency_ratio"], rows[i]["drop_pt"])) if fits else None
+
+
+def worst_sqnr_nodes(float_path: Path, qdq_path: Path, inputs: np.ndarray, k: int, work: Path
+                     ) -> tuple[list[str], list[dict[str, Any]]]:
+    """Node names to exclude so that the ``k`` activations of ``qdq_path`` with the lowest local SQNR
+    (onnxruntime's ``qdq_err``: the tensor before vs after its QuantizeLinear/DequantizeLinear) stay
+    float. ``float_path`` is the graph ``qdq_path`` was quantized from (the same tensor names)."""
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_activation_error,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    from .quantize import BatchCalibrationReader
+
+    name = make_session(float_path).inputs[0].name
+    acts = {}
+    for tag, path in (("float", float_path), ("qdq", qdq_path)):
+        aug = work / f"{tag}.debug.onnx"
+        modify_model_output_intermediate_tensors(str(path), str(aug))
+        acts[tag] = collect_activations(str(aug), BatchCalibrationReader(inputs, name, len(inputs)))
+    errors = compute_activation_error(create_activation_matching(acts["qdq"], acts["float"]))
+    ranked = sorted(((e["qdq_err"], t) for t, e in errors.items() if np.isfinite(e.get("qdq_err", np.nan))))
+    graph = onnx.load(str(float_path)).graph
+    nodes: list[str] = []
+    for _, tensor in ranked[:k]:
+        for node in graph.node:
+            if (tensor in node.output or tensor in node.input) and node.name not in nodes:
+                nodes.append(node.name)
+    return nodes, [{"tensor": t, "sqnr_db": float(e)} for e, t in ranked[:k]]
+
+
+def search_int8(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *, calib_pool: np.ndarray,
+                eval_inputs: np.ndarray, eval_labels: np.ndarray, candidates: Sequence[Candidate],
+                float_activations: Sequence[int] = (), max_drop: float = 1.0, threads: int,
+                batch_sizes: Sequence[int] = (1, 64), runs: int = 60, rounds: int = 6,
+                calib_batch_size: int = 32, input_size: int, progress: bool = True) -> dict[str, Any]:
+    """Quantize ``fp32_path`` with every candidate, score and time them, and write the fastest one within
+    ``max_drop`` top-1 points of fp32 (on ``eval_inputs``) to ``out_path``.
+
+    ``calib_pool`` holds the calibration images (the first ``calib_samples`` are used by each
+    candidate); each ``float_activations`` entry adds a variant of the most accurate per-channel
+    candidate with that many worst-SQNR activations in float. When nothing fits, the most accurate
+    candidate is written and ``within_budget`` is false (the caller may then train with fake
+    quantization instead). Returns the table of every candidate (``rows``) and the choice.
+    """
+    if threads is None or int(threads) < 1:
+        raise ValueError("the search times candidates with an explicit thread count")
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    rows: list[dict[str, Any]] = []
+    with scratch_dir(out_path, "search") as tmp:
+        tmp = Path(tmp)
+        f_logits = run_batched(make_session(fp32_path, threads=threads), eval_inputs, 128)
+        fp32_top1 = accuracy(f_logits, eval_labels)["top1"]
+        warning = None
+        if fp32_top1 >= MEMORISED:
+            # measured: pretrained ResNet-56 scored 100% on its training images, every minmax/percentile
+            # candidate too, yet the kept per-tensor one lost 1.25 points on the test split
+            warning = (f"fp32 scores {100 * fp32_top1:.1f}% on the held-out training images: the model has "
+                       "memorised them, so the drops measured there understate what INT8 costs on new images")
+            print(f"[quantize search] warning: {warning}")
+        paths: list[Path] = []
+
+        def build(c: Candidate, exclude: Sequence[str] = ()) -> dict[str, Any]:
+            n = min(c.calib_samples, len(calib_pool)) // calib_batch_size * calib_batch_size
+            c = replace(c, calib_samples=n)
+            cache = tmp / f"ranges-{c.calibrate_method}-{n}.json"  # one calibration per method and size
+            path = tmp / f"{c.name}.onnx"
+            info = quantize_int8(fp32_path, path, calib_pool[:n], calib_batch_size=calib_batch_size,
+                                 activation_type=c.activation_type, per_channel=c.per_channel,
+                                 calibrate_method=c.calibrate_method, threads=threads,
+                                 nodes_to_exclude=exclude, calibration_cache=cache)
+            logits = run_batched(make_session(path, threads=threads), eval_inputs, 128)
+            top1 = accuracy(logits, eval_labels)["top1"]
+            row = {"name": c.name, **asdict(c), "top1": top1, "drop_pt": 100 * (fp32_top1 - top1),
+                   "agreement": agreement(logits, f_logits), "bytes": info["bytes"],
+                   "nodes_to_exclude": list(exclude)}
+            rows.append(row)
+            paths.append(path)
+            if progress:
+                print(f"[quantize search] {c.name}: top-1 {100 * top1:.2f}% (fp32 {100 * fp32_top1:.2f}%)")
+            return row
+
+        for c in dict.fromkeys(candidates):
+            build(c)
+        sqnr: list[dict[str, Any]] = []
+        base = max((r for r in rows if r["per_channel"] and not r["float_activations"]), key=lambda r: r["top1"],
+                   default=None)
+        if base is not None and any(k > 0 for k in float_activations):
+            from onnxruntime.quantization import quant_pre_process
+
+            pre = tmp / "preprocessed.onnx"  # the graph quantize_int8 quantizes: the same node names
+            quant_pre_process(str(fp32_path), str(pre))
+            qdq = paths[rows.index(base)]
+            for k in sorted({int(k) for k in float_activations if k > 0}):
+                exclude, sqnr = worst_sqnr_nodes(pre, qdq, eval_inputs[:64], k, tmp)
+                fields = {f: base[f] for f in ("per_channel", "calibrate_method", "calib_samples", "activation_type")}
+                build(Candidate(**fields, float_activations=k), exclude)
+
+        # a few warm-up runs per model: the interleaved rounds already spread any warm-up left over
+        timed = measure_latency_many([fp32_path, *paths], input_sizes=[input_size] * (len(paths) + 1),
+                                     batch_sizes=batch_sizes, runs=runs, rounds=rounds, threads=threads,
+                                     warmup=3, progress=progress)
+        p50 = [{bs: t["latency_ms"][bs]["p50"] for bs in t["latency_ms"]} for t in timed]
+        for row, lat in zip(rows, p50[1:]):
+            row["latency_ms"] = lat
+            row["latency_ratio"] = float(np.mean([lat[bs] / p50[0][bs] for bs in lat]))
+        chosen = pick(rows, max_drop)
+        written = chosen if chosen is not None else max(range(len(rows)), key=lambda i: rows[i]["top1"])
+        with atomic_path(out_path) as dst:
+            shutil.copyfile(paths[written], dst)
+    return {
+        "max_drop_pt": float(max_drop), "eval_samples": int(len(eval_labels)), "fp32_top1": fp32_top1,
+        "fp32_latency_ms": p50[0], "threads": int(threads), "runs": int(runs), "rounds": int(rounds),
+        "rows": rows, "worst_sqnr": sqnr, "warning": warning,
+        "chosen": rows[written]["name"], "within_budget": chosen is not None,
+        "settings": timed[0]["settings"],
+    }
+
+
+def search_from_config(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *, images: np.ndarray,
+                       labels: np.ndarray, q: Any, mean: Sequence[float], std: Sequence[float], input_size: int,
+                       seed: int, threads: int, batch_sizes: Sequence[int]) -> dict[str, Any]:
+    """:func:`search_int8` with the ``quantize.*`` settings of a config (``q``, a ``QuantizeConfig``) on
+    uint8 NHWC *training* ``images``: what the pipeline's quantize stage and ``quantize --search`` run."""
+    from ..data import preprocess
+
+    calib_idx, eval_idx = held_out_split(labels, max(q.search_calib_samples), q.search_samples, seed)
+    prep = {"mean": mean, "std": std, "input_size": input_size}
+    print(f"[quantize search] {len(eval_idx)} held-out training images score, {len(calib_idx)} calibrate; "
+          f"budget {q.max_drop} top-1 points")
+    return search_int8(fp32_path, out_path, calib_pool=preprocess(images[calib_idx], **prep),
+                       eval_inputs=preprocess(images[eval_idx], **prep), eval_labels=labels[eval_idx],
+                       candidates=candidate_grid(q.search_methods, q.search_calib_samples,
+                                                 q.search_activation_types),
+                       float_activations=q.search_float_activations, max_drop=q.max_drop, threads=threads,
+                       batch_sizes=batch_sizes, runs=q.search_runs, calib_batch_size=q.calib_batch_size,
+                       input_size=input_size)
