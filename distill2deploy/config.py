@@ -331,11 +331,23 @@ def check_config(cfg: PipelineConfig) -> None:
     for key in ("search_methods", "search_calib_samples", "search_activation_types"):
         if q.search and not getattr(q, key):
             raise UserError("the search needs at least one value here", where=f"quantize.{key}",
-                            fix=f"list one or more values, or set quantize.search: false")
+                            fix="list one or more values, or set quantize.search: false")
     if q.qat.epochs and not q.search:
         raise UserError("quantization-aware distillation is the search's fallback", where="quantize.qat.epochs",
                         fix="set quantize.search: true (with quantize.qat.always: true to always run it), or "
                             "quantize.qat.epochs: 0")
+    if q.qat.epochs:  # fail now, not after teacher, distill, export and the whole search
+        import importlib.util
+        import os
+
+        if importlib.util.find_spec("torchao") is None:
+            raise UserError("quantization-aware distillation needs torchao", where="quantize.qat.epochs",
+                            fix='pip install "distill2deploy[qat]", or set quantize.qat.epochs: 0')
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the quantize stage runs on the main process only
+            raise UserError("quantization-aware distillation runs in one process; this is a multi-process launch",
+                            where="quantize.qat.epochs",
+                            fix="run the quantize stage afterwards without accelerate launch/torchrun "
+                                "(distill2deploy quantize CONFIG), or set quantize.qat.epochs: 0")
     for role in ("teacher", "student"):
         taken = sorted(set(getattr(cfg, role).model_kwargs) & _RESERVED_KWARGS)
         if taken:

@@ -158,3 +158,23 @@ def test_search_warns_when_the_model_has_memorised_the_held_out_images(exported,
                        rounds=1, input_size=x.shape[-1], progress=False)
     assert info["fp32_top1"] == 1.0 and "memorised" in info["warning"]
     assert "memorised" in "\n".join(search_markdown(info))
+
+
+def test_search_refuses_flags_it_would_ignore(tmp_path) -> None:
+    from distill2deploy.cli import main
+
+    rc = main(["quantize", str(tmp_path / "m.onnx"), "--data", "npz:x.npz", "--out", str(tmp_path / "q.onnx"),
+               "--search", "--per-tensor"])
+    assert rc == 2
+
+
+def test_qat_refused_at_load_in_a_multi_process_launch(monkeypatch) -> None:
+    from distill2deploy.config import PipelineConfig, QuantizeConfig, QATConfig, check_config
+    from distill2deploy.errors import UserError
+
+    cfg = PipelineConfig(quantize=QuantizeConfig(search=True, qat=QATConfig(epochs=1)))
+    check_config(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="one process") as e:
+        check_config(cfg)
+    assert e.value.where == "quantize.qat.epochs"

@@ -14,7 +14,6 @@ from distill2deploy.deploy.evaluate import make_session, run_batched
 from distill2deploy.deploy.quantize import quantize_int8
 from distill2deploy.deploy.runtime_report import runtime_lines, runtime_markdown, runtime_summary
 from distill2deploy.deploy.runtimes import OPENVINO_INSTALL, OnnxRuntimeSession, runtime_version
-from distill2deploy.deploy.validate import validate_models
 from distill2deploy.errors import UserError
 
 from .test_check import CLASSES, MEAN, SIZE, STD, tiny_model

@@ -43,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
 
 def run(args: argparse.Namespace) -> int:
     if args.config and not args.model:
+        if args.random_init:
+            raise UserError("--random-init is for a standalone export (--model NAME)", where="export --random-init",
+                            fix="drop --random-init: a pipeline exports the weights it trained")
         return run_config(args, "export")
     require(args.model, "--model NAME (or a config)", "export")
     require(args.out, "--out FILE.onnx", "export")

@@ -45,6 +45,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--max-drop is the budget of the search", where="--max-drop", fix="add --search")
     if args.max_drop is not None and args.max_drop < 0:
         raise UserError(f"--max-drop must be >= 0, got {args.max_drop}", where="--max-drop", fix="e.g. --max-drop 1.0")
+    ignored = [flag for flag, value, default in (
+        ("--calib-samples", args.calib_samples, QuantizeConfig().calib_samples),
+        ("--calibrate-method", args.calibrate_method, QuantizeConfig().calibrate_method),
+        ("--activation-type", args.activation_type, QuantizeConfig().activation_type),
+        ("--per-tensor", args.per_tensor, False)) if value != default]
+    if args.search and ignored:  # the search chooses these itself: a silently dropped flag would mislead
+        raise UserError(f"{', '.join(ignored)} would be ignored: the search tries its own candidates", where="--search",
+                        fix="drop those flags (the quantize.search_* config keys set the candidates), or drop --search")
     if not is_onnx(args.config):
         args.overrides = list(args.overrides) + (["quantize.search=true"] if args.search else []) + (
             [f"quantize.max_drop={args.max_drop}"] if args.max_drop is not None else [])
