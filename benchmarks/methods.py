@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 DEFAULT_METHODS = ["ce", "kd", "dkd", "dml", "fitnet", "at", "fsp", "reviewkd", "multi_teacher", "kd_ec", "eckd_r",
                    "eckd_r_oneway", "eckd_f"]
 DEFAULT_MULTI_SEED = ["ce", "kd", "eckd_r"]
+# The methods issue #13 asks to rank, CE and KD first (their seeds decide whether the table can rank anything).
+RANKED_METHODS = ["ce", "kd", "dkd", "reviewkd", "at", "fsp", "kd_ec", "eckd_r_oneway", "eckd_r", "eckd_f"]
 
 # Preset values fill every argument left unset on the command line.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -77,6 +80,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                       teacher_lr=0.05, student_model="mobilenetv2_x0_5_cifar", epochs=4, train_subset=5000,
                       test_subset=2000, lr=0.05, milestones=[0.75], batch_size=64, num_workers=0,
                       calib_samples=256, validate_runs=20, validate_batch_sizes=[1], threads=1),
+    # Two shared CPU cores, about two hours, three seeds of every ranked method (what benchmarks/README.md
+    # ranks). Every run trains on the same fixed 4k-image subset and is scored on the same fixed 2k test
+    # images (--subset-seed), so the seed spread is the training's alone. The teacher (ResNet-20, 20k images)
+    # sees five times the students' data: its soft labels carry knowledge the students' labels do not.
+    "cpu-2h": dict(teacher_model="resnet20_cifar", teacher_epochs=8, teacher_train_subset=20000, teacher_lr=0.1,
+                   student_model="mobilenetv2_x0_5_cifar", epochs=8, train_subset=4000, test_subset=2000, lr=0.05,
+                   milestones=[0.5, 0.75], batch_size=64, num_workers=0, calib_samples=256, validate_runs=10,
+                   validate_batch_sizes=[1], threads=1, teacher_threads=2, jobs=2, subset_seed=0,
+                   methods=RANKED_METHODS, seeds=[0, 1, 2], multi_seed=RANKED_METHODS),
     # End-to-end check of this script in a few minutes (numbers mean nothing).
     "smoke": dict(teacher_model="resnet20_cifar", teacher_epochs=1, teacher_train_subset=500, teacher_lr=0.05,
                   student_model="mobilenetv2_x0_5_cifar", epochs=1, train_subset=500, test_subset=500, lr=0.05,
@@ -95,10 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"ImageFolder with train/ and test/ (default {DEFAULT_DATA_DIR})")
     p.add_argument("--out", type=Path, help="benchmark directory (default exports/benchmarks/methods/<preset>)")
     p.add_argument("--methods", nargs="+", choices=list(VARIANTS), help=f"default: {' '.join(DEFAULT_METHODS)}")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+    p.add_argument("--seeds", type=int, nargs="+",
                    help="student seeds; the first is used by every method, all by --multi-seed (default 0 1)")
-    p.add_argument("--multi-seed", nargs="*", choices=list(VARIANTS), default=DEFAULT_MULTI_SEED,
+    p.add_argument("--multi-seed", nargs="*", choices=list(VARIANTS),
                    help=f"methods run with every seed (default: {' '.join(DEFAULT_MULTI_SEED)})")
+    p.add_argument("--jobs", type=int, help="student runs at a time (each with --threads threads; default 1)")
     p.add_argument("--teacher-seed", type=int, default=0, help="seed of the teacher's training (default 0)")
     p.add_argument("--second-teacher-seed", type=int, default=1,
                    help="seed of multi_teacher's extra teacher, trained the same way (default 1)")
@@ -122,6 +135,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--threads", type=int,
                    help="CPU threads per run (OMP_NUM_THREADS and onnxruntime's); on a shared CPU 1 avoids the "
                         "collapse of multi-threaded kernels when other jobs take cores (default: all)")
+    p.add_argument("--teacher-threads", type=int, help="threads of the teacher's run (default: --threads)")
+    p.add_argument("--subset-seed", type=int,
+                   help="draw the train/test subsets once with this seed into a hard-linked ImageFolder that every "
+                        "run shares (default: each run draws its own with its seed, so seeds differ in data too)")
     p.add_argument("--retries", type=int, default=1, help="reruns of a crashed run (cached stages resume)")
     p.add_argument("--dry-run", action="store_true", help="write the configs and print the commands only")
     p.add_argument("--report-only", action="store_true", help="tabulate the finished runs, train nothing")
@@ -130,6 +147,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key, None) is None and not _was_given(argv, key):
             setattr(args, key, value)
     args.methods = args.methods or list(DEFAULT_METHODS)
+    args.seeds = args.seeds or [0, 1]
+    args.multi_seed = DEFAULT_MULTI_SEED if args.multi_seed is None else args.multi_seed
+    args.jobs = max(1, args.jobs or 1)
     args.out = args.out or REPO / "exports" / "benchmarks" / "methods" / args.preset
     return args
 
@@ -166,16 +186,44 @@ def ensure_data(data_dir: Path, tar: Path | None) -> Path:
     return data_dir
 
 
+def subset_folder(data_dir: Path, train: int | None, test: int | None, seed: int) -> Path:
+    """A stratified subset of the ImageFolder as hard links (no copies), drawn once and shared by every run.
+
+    The draw is ``data.stratified_subset`` over the files in ImageFolder order (sorted class folders,
+    sorted names): the images ``data.subset`` would pick with this seed, but fixed across run seeds.
+    """
+    import numpy as np
+
+    from distill2deploy._io import atomic_dir
+    from distill2deploy.data import stratified_subset
+
+    target = data_dir.parent / f"{data_dir.name}-subsets" / f"train{train or 'all'}-test{test or 'all'}-seed{seed}"
+    if (target / "train").is_dir() and (target / "test").is_dir():
+        return target
+    print(f"drawing the fixed subsets -> {target} (once)", flush=True)
+    with atomic_dir(target) as tmp:
+        for split, n in (("train", train), ("test", test)):
+            files = sorted((data_dir / split).glob("*/*"))
+            labels = np.array([f.parent.name for f in files])
+            for i in stratified_subset(labels, n, seed):
+                dst = tmp / split / files[i].parent.name / files[i].name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.link(files[i], dst)
+    return target
+
+
 # --------------------------------------------------------------------------------------- configs
 def _milestones(fractions: list[float], epochs: int) -> list[int]:
     return sorted({max(1, round(f * epochs)) for f in fractions if round(f * epochs) < epochs}) if epochs > 1 else []
 
 
 def base_config(args: argparse.Namespace, data_dir: Path, seed: int, name: str) -> dict[str, Any]:
+    fixed = args.subset_seed is not None  # data_dir already holds exactly the subsets
     return {
         "name": name,
         "seed": seed,
-        "data": {"source": f"folder:{data_dir}", "subset": {"train": args.train_subset, "test": args.test_subset},
+        "data": {"source": f"folder:{data_dir}",
+                 "subset": {"train": None if fixed else args.train_subset, "test": None if fixed else args.test_subset},
                  "mean": CIFAR10_MEAN, "std": CIFAR10_STD, "num_workers": args.num_workers},
         "teacher": {"model": args.teacher_model, "pretrained": False},
         "student": {"model": args.student_model},
@@ -187,7 +235,8 @@ def base_config(args: argparse.Namespace, data_dir: Path, seed: int, name: str) 
 
 def teacher_config(args: argparse.Namespace, data_dir: Path, seed: int) -> dict[str, Any]:
     cfg = base_config(args, data_dir, seed, f"teacher_s{seed}")
-    cfg["data"]["subset"]["train"] = args.teacher_train_subset
+    if args.subset_seed is None:
+        cfg["data"]["subset"]["train"] = args.teacher_train_subset
     cfg["teacher"]["train"] = {"epochs": args.teacher_epochs, "lr": args.teacher_lr, "batch_size": args.batch_size,
                                "milestones": _milestones(args.milestones, args.teacher_epochs)}
     cfg["distill"] = {"method": "ce", "batch_size": args.batch_size}
@@ -308,6 +357,7 @@ def collect(run: Run) -> dict[str, Any]:
         peers_after_top1={k[:-5]: v for k, v in distill.items() if k.endswith("_top1") and k not in
                           ("test_top1", "best_top1", "teacher_top1")} or None,
         student_torch_top1=distill.get("test_top1"), student_best_top1=distill.get("best_top1"),
+        student_best_epoch=distill.get("best_epoch"),
         teacher_ort_top1=top1.get("teacher"), student_fp32_top1=top1.get("student"),
         student_int8_top1=top1.get("student.int8"),
         int8_fp32_agreement=agreement[0] if agreement else None,
@@ -332,13 +382,37 @@ def spread(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if len(group) < 2:
             continue
         stats = {"seeds": [r["seed"] for r in group]}
-        for key in ("student_fp32_top1", "student_int8_top1", "teacher_after_top1"):
+        for key in ("student_fp32_top1", "student_best_top1", "student_int8_top1", "teacher_after_top1",
+                    "student_best_epoch"):
             vals = [r[key] for r in group if r.get(key) is not None]
             if len(vals) >= 2:
                 stats[key] = {"mean": statistics.mean(vals), "std": statistics.stdev(vals), "min": min(vals),
                               "max": max(vals), "values": vals}
         out[method] = stats
     return out
+
+
+def _ms(v: dict[str, Any] | None, scale: float = 100.0, digits: int = 2) -> str:
+    return "—" if v is None else f"{scale * v['mean']:.{digits}f} ± {scale * v['std']:.{digits}f}"
+
+
+def summary(spreads: dict[str, dict[str, Any]]) -> str:
+    """Mean ± sample std over seeds per method, and whether KD beats CE by more than twice the larger std."""
+    lines = ["| method (seeds) | last epoch, fp32 (ORT) | best epoch (torch) | best at epoch | INT8 (ORT) "
+             "| co-trained teacher after | vs CE (last) |", "|---|---|---|---|---|---|---|"]
+    ce = spreads.get("ce", {}).get("student_fp32_top1")
+    for m, s in spreads.items():
+        last = s.get("student_fp32_top1")
+        vs = "—" if ce is None or last is None or m == "ce" else f"{100 * (last['mean'] - ce['mean']):+.2f}"
+        lines.append(f"| {m} ({', '.join(map(str, s['seeds']))}) | {_ms(last)} | {_ms(s.get('student_best_top1'))} "
+                     f"| {_ms(s.get('student_best_epoch'), 1, 1)} | {_ms(s.get('student_int8_top1'))} "
+                     f"| {_ms(s.get('teacher_after_top1'))} | {vs} |")
+    kd = spreads.get("kd", {}).get("student_fp32_top1")
+    if ce and kd:
+        gap, bar = kd["mean"] - ce["mean"], 2 * max(kd["std"], ce["std"])
+        lines += ["", f"KD − CE (last epoch): {100 * gap:+.2f} points; twice the larger std: {100 * bar:.2f} points "
+                      f"→ {'KD beats CE beyond the seed spread' if gap > bar else 'NOT separated by this budget'}."]
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict[str, Any]], spreads: dict[str, dict[str, Any]], teachers: list[dict[str, Any]]) -> str:
@@ -355,15 +429,7 @@ def markdown(rows: list[dict[str, Any]], spreads: dict[str, dict[str, Any]], tea
                      f"| {'—' if delta is None else f'{100 * delta:+.2f}'} "
                      f"| {_secs(r.get('epoch_seconds'))} | {r['status']} |")
     if spreads:
-        lines += ["", "| method (seeds) | student fp32: mean ± std [min, max] | student INT8: mean ± std [min, max] |",
-                  "|---|---|---|"]
-        for m, s in spreads.items():
-            cells = []
-            for key in ("student_fp32_top1", "student_int8_top1"):
-                v = s.get(key)
-                cells.append("—" if v is None else f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f} "
-                             f"[{100 * v['min']:.2f}, {100 * v['max']:.2f}]")
-            lines.append(f"| {m} ({', '.join(map(str, s['seeds']))}) | {cells[0]} | {cells[1]} |")
+        lines += ["", summary(spreads)]
     if teachers:
         lines += ["", "| teacher run | seed | epochs | top-1 (its own test subset) | s/epoch |", "|---|---|---|---|---|"]
         for t in teachers:
@@ -384,19 +450,21 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         return
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(methods) + 2), 4.2))
     x = np.arange(len(methods))
-    for off, key, label in ((-0.2, "student_fp32_top1", "student fp32 (ORT)"),
-                            (0.2, "student_int8_top1", "student INT8 (ORT)")):
+    series = (("student_fp32_top1", "last epoch, fp32 (ORT)"), ("student_best_top1", "best epoch (torch)"),
+              ("student_int8_top1", "last epoch, INT8 (ORT)"))
+    width = 0.8 / len(series)
+    for i, (key, label) in enumerate(series):
+        off = (i - (len(series) - 1) / 2) * width
         vals = [[100 * r[key] for r in rows if r["method"] == m and r.get(key) is not None] for m in methods]
         means = [np.mean(v) if v else np.nan for v in vals]
-        lo = [m - min(v) if v else 0 for m, v in zip(means, vals)]
-        hi = [max(v) - m if v else 0 for m, v in zip(means, vals)]
-        ax.bar(x + off, means, 0.4, yerr=[lo, hi], capsize=3, label=label)
+        stds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals]  # mean ± sample std, as the table
+        ax.bar(x + off, means, width, yerr=stds, capsize=3, label=label)
         for xi, v in zip(x, vals):  # every seed as a dot
-            ax.scatter([xi + off] * len(v), v, color="k", s=8, zorder=3)
+            ax.scatter([xi + off] * len(v), v, color="k", s=6, zorder=3)
     t = [100 * r["teacher_top1"] for r in rows if r.get("teacher_top1") is not None and r["seed"] == rows[0]["seed"]]
     if t:
         ax.axhline(t[0], color="gray", ls="--", lw=1, label=f"teacher {t[0]:.2f}%")
-    allv = [100 * r[k] for r in rows for k in ("student_fp32_top1", "student_int8_top1") if r.get(k) is not None]
+    allv = [100 * r[k] for r in rows for k, _ in series if r.get(k) is not None]
     ax.set_ylim(max(0.0, min(allv) - 5), min(100.0, max(allv + t) + 3))
     ax.set_xticks(x, methods, rotation=30, ha="right")
     ax.set_ylabel("test top-1 (%)")
@@ -423,7 +491,10 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
     from distill2deploy.errors import UserError
 
     t_start = time.perf_counter()
-    data_dir = ensure_data(args.data_dir, args.tar)
+    data_dir = teacher_dir = ensure_data(args.data_dir, args.tar)
+    if args.subset_seed is not None:
+        teacher_dir = subset_folder(data_dir, args.teacher_train_subset, args.test_subset, args.subset_seed)
+        data_dir = subset_folder(data_dir, args.train_subset, args.test_subset, args.subset_seed)
     if "multi_teacher" in args.methods and args.second_teacher_seed == args.teacher_seed:
         raise UserError("multi_teacher's second teacher needs its own seed", where="--second-teacher-seed",
                         fix=f"use a seed other than --teacher-seed {args.teacher_seed}")
@@ -439,16 +510,19 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
         return Run(name, kind, seed, path, run_dir, until, [*py, until, str(path), "--out", str(run_dir)])
 
     teacher_runs = [make_run(f"teacher_s{args.teacher_seed}", "teacher", args.teacher_seed,
-                             teacher_config(args, data_dir, args.teacher_seed), "teacher")]
+                             teacher_config(args, teacher_dir, args.teacher_seed), "teacher")]
     teacher_pt = teacher_runs[0].run_dir / "teacher" / "teacher.pt"
     second_pt = None
     if "multi_teacher" in args.methods:
         s2 = args.second_teacher_seed
-        teacher_runs.append(make_run(f"teacher_s{s2}", "teacher", s2, teacher_config(args, data_dir, s2), "teacher"))
+        teacher_runs.append(make_run(f"teacher_s{s2}", "teacher", s2, teacher_config(args, teacher_dir, s2), "teacher"))
         second_pt = teacher_runs[1].run_dir / "teacher" / "teacher.pt"
-    # The first seed of every method first, so an interrupted benchmark still has one row per method.
-    plan = [(m, args.seeds[0]) for m in args.methods]
-    plan += [(m, s) for s in args.seeds[1:] for m in args.methods if m in args.multi_seed]
+    # CE's and KD's seeds first (whether the table can rank anything rests on them), then the first seed of
+    # every other method, so an interrupted benchmark still has one row per method, then the other seeds.
+    first = [m for m in ("ce", "kd") if m in args.methods and m in args.multi_seed]
+    plan = [(m, s) for s in args.seeds for m in first]
+    plan += [(m, args.seeds[0]) for m in args.methods if m not in first]
+    plan += [(m, s) for s in args.seeds[1:] for m in args.methods if m in args.multi_seed and m not in first]
     command = shlex.join([Path(sys.executable).name, *(sys.argv if argv is None else ["benchmarks/methods.py", *argv])])
     print(f"benchmark: {command}\nout: {out}\ndata: {data_dir}", flush=True)
 
@@ -470,7 +544,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
     for r in teacher_runs:
         if not args.report_only:
             print(f"▶ {r.name}", flush=True)
-            execute(r, log_dir, args.retries, args.threads)
+            execute(r, log_dir, args.retries, args.teacher_threads or args.threads)
         else:
             r.status = "cached" if is_finished(r) else "missing"
         print(f"  {r.name}: {r.status} ({r.wall_seconds:.0f} s)", flush=True)
@@ -481,7 +555,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
     if second_pt is not None and not second_pt.is_file():
         print("multi_teacher skipped: its second teacher did not finish", flush=True)
         plan = [(m, s) for m, s in plan if m != "multi_teacher"]
-    for variant, seed in plan:
+    def one(variant: str, seed: int) -> Run:
         r = student_run(variant, seed)
         if args.report_only:
             r.status = "cached" if is_finished(r) else "missing"
@@ -490,8 +564,13 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
             execute(r, log_dir, args.retries, args.threads)
         row = collect(r)
         print(f"  {r.name}: {r.status} ({r.wall_seconds:.0f} s) fp32 {_pct(row.get('student_fp32_top1'))} "
-              f"int8 {_pct(row.get('student_int8_top1'))} s/epoch {row.get('epoch_seconds') or 0:.1f}", flush=True)
-        done.append(r)
+              f"int8 {_pct(row.get('student_int8_top1'))} best {_pct(row.get('student_best_top1'))} "
+              f"s/epoch {row.get('epoch_seconds') or 0:.1f}", flush=True)
+        return r
+
+    # Runs are separate processes with --threads threads each: --jobs of them share the cores.
+    with ThreadPoolExecutor(max_workers=1 if args.report_only else args.jobs) as pool:
+        done += list(pool.map(lambda p: one(*p), plan))
 
     rows = [collect(r) for r in done]
     teachers = [r for r in rows if r["method"] == "teacher"]
