@@ -92,14 +92,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                       test_subset=2000, lr=0.05, milestones=[0.75], batch_size=64, num_workers=0,
                       calib_samples=256, validate_runs=20, validate_batch_sizes=[1], threads=1),
     # Two shared CPU cores, about two hours, three seeds of every ranked method (what benchmarks/README.md
-    # ranks). Every run trains on the same fixed 4k-image subset and is scored on the same fixed 2k test
+    # ranks). 16x16 inputs (CIFAR-10 downscaled: a quarter of the compute, and ResNet-20 4x faster per image)
+    # so that 2000 images x 20 epochs fit; the students stop after distill (torch top-1 every epoch; no
+    # export). Every run trains on the same fixed 2k-image subset and is scored on the same fixed 2k test
     # images (--subset-seed), so the seed spread is the training's alone. The teacher (ResNet-20, 20k images)
-    # sees five times the students' data: its soft labels carry knowledge the students' labels do not.
+    # sees ten times the students' data: its soft labels carry knowledge the students' labels do not.
     "cpu-2h": dict(teacher_model="resnet20_cifar", teacher_epochs=8, teacher_train_subset=20000, teacher_lr=0.1,
-                   student_model="mobilenetv2_x0_5_cifar", epochs=8, train_subset=4000, test_subset=2000, lr=0.05,
-                   milestones=[0.5, 0.75], batch_size=64, num_workers=0, calib_samples=256, validate_runs=10,
-                   validate_batch_sizes=[1], threads=1, teacher_threads=2, jobs=2, subset_seed=0,
-                   methods=RANKED_METHODS, seeds=[0, 1, 2], multi_seed=RANKED_METHODS),
+                   teacher_batch_size=64, student_model="mobilenetv2_x0_5_cifar", epochs=20, train_subset=2000,
+                   test_subset=2000, lr=0.05, milestones=[0.5, 0.75], batch_size=32, num_workers=0,
+                   calib_samples=256, validate_runs=10, validate_batch_sizes=[1], threads=1, teacher_threads=1,
+                   jobs=2, subset_seed=0, input_size=16, crop_padding=2, until="distill", methods=RANKED_METHODS, seeds=[0, 1, 2],
+                   multi_seed=RANKED_METHODS),
     # The published CIFAR-100 tables (CRD, DKD, ReviewKD): their teacher -> student pairs, the zoo's pretrained
     # teachers (--teacher-checkpoints), 240 epochs, batch 64, SGD 0.05 (0.01 for MobileNetV2 and ShuffleNet
     # students), x0.1 at 150/180/210, three seeds, every method. About 7 pairs x 10 methods x 3 seeds of GPU runs.
@@ -173,6 +176,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--subset-seed", type=int,
                    help="draw the train/test subsets once with this seed into a hard-linked ImageFolder that every "
                         "run shares (default: each run draws its own with its seed, so seeds differ in data too)")
+    p.add_argument("--until", choices=["distill", "validate"],
+                   help="last stage of a student run: 'distill' skips ONNX export, INT8 and onnxruntime scoring "
+                        "(default: validate)")
+    p.add_argument("--input-size", type=int, help="data.input_size of every run (default: the pipeline's 32)")
     p.add_argument("--retries", type=int, default=1, help="reruns of a crashed run (cached stages resume)")
     p.add_argument("--dry-run", action="store_true", help="write the configs and print the commands only")
     p.add_argument("--report-only", action="store_true", help="tabulate the finished runs, train nothing")
@@ -185,7 +192,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.multi_seed = DEFAULT_MULTI_SEED if args.multi_seed is None else args.multi_seed
     args.jobs = max(1, args.jobs or 1)
     args.pairs = [_pair(p) for p in (args.pairs or [f"{args.teacher_model}:{args.student_model}"])]
-    for key, default in (("lr_overrides", {}), ("on_device", False), ("mixed_precision", None)):
+    for key, default in (("lr_overrides", {}), ("on_device", False), ("mixed_precision", None),
+                         ("input_size", None), ("crop_padding", None), ("until", "validate"), ("teacher_batch_size", args.batch_size)):
         if getattr(args, key, None) is None:
             setattr(args, key, default)
     args.out = args.out or REPO / "exports" / "benchmarks" / "methods" / args.preset
@@ -280,8 +288,11 @@ def base_config(args: argparse.Namespace, data_dir: Path, seed: int, name: str, 
                             "mean": CIFAR10_MEAN, "std": CIFAR10_STD, "num_workers": args.num_workers}
     if args.source == "cifar100":  # the pipeline's own CIFAR-100 (downloaded once); its mean/std are the defaults
         data = {"source": "cifar100", "subset": data["subset"], "num_workers": args.num_workers}
-    if args.on_device:
-        data["augment"] = {"on_device": True}
+    if args.on_device or args.crop_padding is not None:  # the random crop's padding scales with the input
+        data["augment"] = {k: v for k, v in (("on_device", args.on_device or None),
+                                             ("crop_padding", args.crop_padding)) if v is not None}
+    if args.input_size:
+        data["input_size"] = args.input_size
     return {
         "name": name,
         "seed": seed,
@@ -323,9 +334,9 @@ def teacher_config(args: argparse.Namespace, data_dir: Path, seed: int, pair: Pa
                               train={"epochs": 0})
     else:
         cfg["teacher"]["train"] = {"epochs": args.teacher_epochs, "lr": args.teacher_lr,
-                                   "batch_size": args.batch_size,
+                                   "batch_size": args.teacher_batch_size,
                                    "milestones": _milestones(args.milestones, args.teacher_epochs)}
-    cfg["distill"] = _distill(args, method="ce", batch_size=args.batch_size)
+    cfg["distill"] = _distill(args, method="ce", batch_size=args.teacher_batch_size)
     return cfg
 
 
@@ -466,12 +477,12 @@ def spread(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Mean, sample std and range over seeds, per method run with more than one seed."""
     out: dict[str, dict[str, Any]] = {}
     for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "teacher"):
-        group = [r for r in rows if r["method"] == method and r.get("student_fp32_top1") is not None]
+        group = [r for r in rows if r["method"] == method and r.get("student_torch_top1") is not None]
         if len(group) < 2:
             continue
         stats = {"seeds": [r["seed"] for r in group]}
-        for key in ("student_fp32_top1", "student_best_top1", "student_int8_top1", "teacher_after_top1",
-                    "student_best_epoch"):
+        for key in ("student_torch_top1", "student_best_top1", "student_fp32_top1", "student_int8_top1",
+                    "teacher_after_top1", "student_best_epoch"):
             vals = [r[key] for r in group if r.get(key) is not None]
             if len(vals) >= 2:
                 stats[key] = {"mean": statistics.mean(vals), "std": statistics.stdev(vals), "min": min(vals),
@@ -486,20 +497,20 @@ def _ms(v: dict[str, Any] | None, scale: float = 100.0, digits: int = 2) -> str:
 
 def summary(spreads: dict[str, dict[str, Any]]) -> str:
     """Mean ± sample std over seeds per method, and whether KD beats CE by more than twice the larger std."""
-    lines = ["| method (seeds) | last epoch, fp32 (ORT) | best epoch (torch) | best at epoch | INT8 (ORT) "
+    lines = ["| method (seeds) | last epoch | best epoch | best at epoch | INT8 (ORT) "
              "| co-trained teacher after | vs CE (last) |", "|---|---|---|---|---|---|---|"]
     def ce_of(method: str) -> dict[str, Any] | None:  # the CE row of the same pair ("pair/kd" -> "pair/ce")
         prefix = method.rpartition("/")[0]
-        return spreads.get(f"{prefix}/ce" if prefix else "ce", {}).get("student_fp32_top1")
+        return spreads.get(f"{prefix}/ce" if prefix else "ce", {}).get("student_torch_top1")
 
     for m, s in spreads.items():
-        last, ce = s.get("student_fp32_top1"), ce_of(m)
+        last, ce = s.get("student_torch_top1"), ce_of(m)
         vs = "—" if ce is None or last is None or m.endswith("ce") else f"{100 * (last['mean'] - ce['mean']):+.2f}"
         lines.append(f"| {m} ({', '.join(map(str, s['seeds']))}) | {_ms(last)} | {_ms(s.get('student_best_top1'))} "
                      f"| {_ms(s.get('student_best_epoch'), 1, 1)} | {_ms(s.get('student_int8_top1'))} "
                      f"| {_ms(s.get('teacher_after_top1'))} | {vs} |")
     for m in [m for m in spreads if m == "kd" or m.endswith("/kd")]:
-        kd, ce = spreads[m].get("student_fp32_top1"), ce_of(m)
+        kd, ce = spreads[m].get("student_torch_top1"), ce_of(m)
         if kd and ce:
             gap, bar = kd["mean"] - ce["mean"], 2 * max(kd["std"], ce["std"])
             lines += ["", f"{m.removesuffix('kd')}KD − CE (last epoch): {100 * gap:+.2f} points; twice the larger "
@@ -509,8 +520,9 @@ def summary(spreads: dict[str, dict[str, Any]]) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], spreads: dict[str, dict[str, Any]], teachers: list[dict[str, Any]]) -> str:
-    lines = ["| method | seed | teacher top-1 | teacher after | student fp32 (ORT) | student INT8 (ORT) "
-             "| INT8 − fp32 | s/epoch | status |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | seed | teacher top-1 | teacher after | student last | student best (epoch) "
+             "| student fp32 (ORT) | student INT8 (ORT) | INT8 − fp32 | s/epoch | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         after = r.get("teacher_after_top1")
         if after is None and r.get("peers_after_top1"):
@@ -518,7 +530,8 @@ def markdown(rows: list[dict[str, Any]], spreads: dict[str, dict[str, Any]], tea
         delta = (None if r.get("student_int8_top1") is None or r.get("student_fp32_top1") is None
                  else r["student_int8_top1"] - r["student_fp32_top1"])
         lines.append(f"| {r['method']} | {r['seed']} | {_pct(r.get('teacher_top1'))} | {_pct(after)} "
-                     f"| {_pct(r.get('student_fp32_top1'))} | {_pct(r.get('student_int8_top1'))} "
+                     f"| {_pct(r.get('student_torch_top1'))} | {_pct(r.get('student_best_top1'))} "
+                     f"({r.get('student_best_epoch') or '—'}) | {_pct(r.get('student_fp32_top1'))} | {_pct(r.get('student_int8_top1'))} "
                      f"| {'—' if delta is None else f'{100 * delta:+.2f}'} "
                      f"| {_secs(r.get('epoch_seconds'))} | {r['status']} |")
     if spreads:
@@ -538,13 +551,14 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    methods = list(dict.fromkeys(r["method"] for r in rows if r.get("student_fp32_top1") is not None))
+    methods = list(dict.fromkeys(r["method"] for r in rows if r.get("student_torch_top1") is not None))
     if not methods:
         return
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(methods) + 2), 4.2))
     x = np.arange(len(methods))
-    series = (("student_fp32_top1", "last epoch, fp32 (ORT)"), ("student_best_top1", "best epoch (torch)"),
-              ("student_int8_top1", "last epoch, INT8 (ORT)"))
+    series = tuple((k, label) for k, label in (("student_torch_top1", "last epoch"), ("student_best_top1", "best epoch"),
+                                               ("student_int8_top1", "last epoch, INT8 (ORT)"))
+                   if any(r.get(k) is not None for r in rows))
     width = 0.8 / len(series)
     for i, (key, label) in enumerate(series):
         off = (i - (len(series) - 1) / 2) * width
@@ -639,7 +653,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
         name = f"{pair.label}__{variant}_s{seed}" if several else f"{variant}_s{seed}"
         pt, second = teacher_pts(pair)
         cfg = student_config(args, data_dir, variant, seed, pair, name, pt, second)
-        return make_run(name, f"{pair.label}/{variant}" if several else variant, seed, cfg, "validate", check)
+        return make_run(name, f"{pair.label}/{variant}" if several else variant, seed, cfg, args.until, check)
 
     if args.dry_run:  # configs are written; a student config is validated once its teachers exist
         for r in teacher_runs.values():
@@ -673,7 +687,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
             print(f"▶ {r.name}", flush=True)
             execute(r, log_dir, args.retries, args.threads)
         row = collect(r)
-        print(f"  {r.name}: {r.status} ({r.wall_seconds:.0f} s) fp32 {_pct(row.get('student_fp32_top1'))} "
+        print(f"  {r.name}: {r.status} ({r.wall_seconds:.0f} s) last {_pct(row.get('student_torch_top1'))} "
               f"int8 {_pct(row.get('student_int8_top1'))} best {_pct(row.get('student_best_top1'))} "
               f"s/epoch {row.get('epoch_seconds') or 0:.1f}", flush=True)
         return r
