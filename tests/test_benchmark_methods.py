@@ -51,7 +51,7 @@ def test_subset_folder_is_stratified_hard_linked_and_seed_fixed(bench, tmp_path:
 
 
 def _spread(mean: float, std: float) -> dict:
-    return {"student_fp32_top1": {"mean": mean, "std": std, "min": mean - std, "max": mean + std, "values": []},
+    return {"student_torch_top1": {"mean": mean, "std": std, "min": mean - std, "max": mean + std, "values": []},
             "seeds": [0, 1, 2]}
 
 
