@@ -75,6 +75,6 @@ def test_pairs_and_presets_parse(bench, tmp_path: Path) -> None:
     assert [p.label for p in args.pairs][:2] == ["resnet56-resnet20", "resnet110-resnet32"]
     assert args.seeds == [0, 1, 2] and set(args.multi_seed) == set(args.methods)
     one = bench.parse_args(["--preset", "cpu-2h", "--out", str(tmp_path)])
-    assert [(p.teacher, p.student) for p in one.pairs] == [("resnet20_cifar", "mobilenetv2_x0_5_cifar")]
+    assert [(p.teacher, p.student) for p in one.pairs] == [("wrn_16_2_cifar", "resnet20_cifar")]
     with pytest.raises(SystemExit):
         bench.parse_args(["--pairs", "resnet56_cifar"])
