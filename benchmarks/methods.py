@@ -390,7 +390,8 @@ def write_config(cfg: dict[str, Any], path: Path, check: bool = True) -> None:
 
 def is_finished(run: Run) -> bool:
     """Every stage up to ``until`` has a manifest and the run was made from this very config."""
-    from distill2deploy.config import config_hash, load_config
+    from distill2deploy.config import load_config
+    from distill2deploy.config_keys import config_hash
 
     stamp = run.run_dir / "config.sha256"
     if not (stamp.is_file() and (run.run_dir / run.until / "stage.json").is_file()):

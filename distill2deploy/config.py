@@ -14,7 +14,6 @@ from typing import Any, Literal
 import yaml
 
 from . import _schema
-from ._io import obj_sha256
 from ._schema import doc
 from ._threads import DEFAULT_THREADS
 from .errors import UserError
@@ -286,126 +285,11 @@ def load_config(name: str, overrides: list[str] | None = None) -> tuple[Pipeline
         raise UserError(e.what, where=e.where, fix=e.fix) from None
     if cfg.name is None:
         cfg.name = path.stem
+    from .config_checks import check_config  # the cross-field checks import the model and method registries
+
     check_config(cfg)
     return cfg, path
 
 
-#: timm.create_model arguments the pipeline sets itself (model_kwargs may not repeat them)
-_RESERVED_KWARGS = frozenset({"num_classes", "pretrained", "checkpoint_path", "pretrained_cfg",
-                              "pretrained_cfg_overlay"})
-
-
-def check_normalization(mean: list[float], std: list[float], where: str) -> None:
-    """A user's per-channel mean and std (config keys or CLI flags, named by ``where``)."""
-    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-        raise UserError(f"mean and std need 3 values each (std > 0), got {mean} and {std}", where=where,
-                        fix="give one value per RGB channel, e.g. the CIFAR-100 defaults")
-
-
-def check_config(cfg: PipelineConfig) -> None:
-    """Cross-field checks the types alone cannot express."""
-    from .deploy.runtimes import runtime_version
-    from .methods import get_method  # the method validates its own options
-    from .models.factory import check_model_name
-
-    check_model_name(cfg.teacher.model, "teacher.model")
-    check_model_name(cfg.student.model, "student.model")
-
-    check_normalization(cfg.data.mean, cfg.data.std, where="data.mean/data.std")
-    if not cfg.validate.batch_sizes:
-        raise UserError("no batch sizes to measure", where="validate.batch_sizes", fix="e.g. [1, 64]")
-    runtimes = cfg.validate.runtimes
-    if not runtimes or len(set(runtimes)) != len(runtimes):
-        raise UserError(f"runtimes must be distinct and at least one, got {runtimes}", where="validate.runtimes",
-                        fix="e.g. [onnxruntime] or [onnxruntime, openvino]")
-    for runtime in runtimes:  # a missing extra fails now, not after hours of training
-        runtime_version(runtime, where="validate.runtimes")
-    if cfg.validate.baseline_rounds != 0 and cfg.validate.baseline_rounds < 5:
-        raise UserError(f"baseline_rounds is {cfg.validate.baseline_rounds}: a significance test needs 5 or more",
-                        where="validate.baseline_rounds", fix="use 15 (the default), or 0 to write no baseline")
-    if cfg.quantize.calib_samples < cfg.quantize.calib_batch_size:
-        raise UserError(f"calib_samples ({cfg.quantize.calib_samples}) must be at least one batch "
-                        f"({cfg.quantize.calib_batch_size})", where="quantize.calib_samples",
-                        fix=f"set quantize.calib_samples >= {cfg.quantize.calib_batch_size} or lower quantize.calib_batch_size")
-    q = cfg.quantize
-    for key in ("search_methods", "search_calib_samples", "search_activation_types"):
-        if q.search and not getattr(q, key):
-            raise UserError("the search needs at least one value here", where=f"quantize.{key}",
-                            fix="list one or more values, or set quantize.search: false")
-    if q.qat.epochs and not q.search:
-        raise UserError("quantization-aware distillation is the search's fallback", where="quantize.qat.epochs",
-                        fix="set quantize.search: true (with quantize.qat.always: true to always run it), or "
-                            "quantize.qat.epochs: 0")
-    if q.qat.epochs:  # fail now, not after teacher, distill, export and the whole search
-        import importlib.util
-        import os
-
-        if importlib.util.find_spec("torchao") is None:
-            raise UserError("quantization-aware distillation needs torchao", where="quantize.qat.epochs",
-                            fix='pip install "distill2deploy[qat]", or set quantize.qat.epochs: 0')
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the quantize stage runs on the main process only
-            raise UserError("quantization-aware distillation runs in one process; this is a multi-process launch",
-                            where="quantize.qat.epochs",
-                            fix="run the quantize stage afterwards without accelerate launch/torchrun "
-                                "(distill2deploy quantize CONFIG), or set quantize.qat.epochs: 0")
-    for role in ("teacher", "student"):
-        taken = sorted(set(getattr(cfg, role).model_kwargs) & _RESERVED_KWARGS)
-        if taken:
-            raise UserError(f"{', '.join(taken)} cannot be set here: the pipeline sets it", where=f"{role}.model_kwargs",
-                            fix="the class count comes from the data (data.num_classes for an npz without names); "
-                                "to fit pretrained weights to it set teacher.reset_head: true; weights come from "
-                                f"{role}.checkpoint" + (" or teacher.pretrained" if role == "teacher" else ""))
-    if cfg.teacher.reset_head and cfg.teacher.train.epochs < 1:
-        raise UserError("a re-initialised head is random until it is trained", where="teacher.reset_head",
-                        fix="set teacher.train.epochs >= 1 to fine-tune the teacher, or reset_head: false")
-    get_method(cfg.distill.method).parse_options(cfg.distill.options)
-
-
 def config_dict(cfg: PipelineConfig) -> dict[str, Any]:
     return _schema.to_dict(cfg)
-
-
-#: config keys that never change a result: left out of every cache key and of :func:`config_hash`
-INERT_KEYS: tuple[str, ...] = ("data.num_workers",)
-#: what the exported models derive from (:func:`config_hash` covers exactly these; not the run name, thread
-#: count, quantization or validation settings, so changing those re-exports nothing)
-MODEL_SECTIONS: tuple[str, ...] = ("seed", "data", "teacher", "student", "distill", "export")
-
-
-def effective_options(cfg: PipelineConfig) -> dict[str, Any]:
-    """The method's options with its defaults filled in: a key over what the user wrote alone would let a
-    changed default (e.g. ReviewKD's ``teacher_features``) reuse results trained under the old one."""
-    from .methods import get_method
-
-    method = get_method(cfg.distill.method)
-    return method.options_dict(method.parse_options(dict(cfg.distill.options or {})))
-
-
-def config_slice(cfg: PipelineConfig, paths: tuple[str, ...]) -> dict[str, Any]:
-    """The part of the config at ``paths`` (sections like ``data`` or keys like ``distill.mixed_precision``),
-    as a nested dict shaped like :func:`config_dict`, without :data:`INERT_KEYS`: what a stage's cache
-    key is derived from (see :attr:`distill2deploy.stages.Stage.reads`)."""
-    full, out = config_dict(cfg), {}
-    for path in paths:
-        *parents, leaf = path.split(".")
-        src, dst = full, out
-        for part in parents:
-            src, dst = src[part], dst.setdefault(part, {})
-        dst[leaf] = src[leaf]
-    if isinstance(out.get("distill"), dict) and "options" in out["distill"]:
-        out["distill"]["options"] = effective_options(cfg)
-    for path in INERT_KEYS:
-        *parents, leaf = path.split(".")
-        node: Any = out
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    return out
-
-
-def config_hash(cfg: PipelineConfig) -> str:
-    """The run's one hash: of everything that determines the exported models (:data:`MODEL_SECTIONS`).
-    The ONNX metadata, ``config.sha256`` and the report all carry it."""
-    return obj_sha256(config_slice(cfg, MODEL_SECTIONS))
-

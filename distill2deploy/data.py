@@ -179,7 +179,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
 def _stats(mean: Sequence[float], std: Sequence[float]) -> tuple[list[float], list[float]]:
     mean, std = [float(m) for m in mean], [float(s) for s in std]
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:  # users' values: config.check_normalization
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:  # users' values: config_checks.check_normalization
         raise ValueError(f"mean and std need 3 values (RGB), std > 0; got {mean} and {std}")
     return mean, std
 

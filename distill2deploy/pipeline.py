@@ -10,7 +10,8 @@ import yaml
 from . import _io, distributed
 from ._lock import locked
 from ._threads import use_threads
-from .config import PipelineConfig, config_dict, config_hash
+from .config import PipelineConfig, config_dict
+from .config_keys import config_hash
 from .errors import UserError, suggest
 from .stages import STAGE_NAMES, STAGES, RunContext
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from distill2deploy.config import PipelineConfig, config_hash, load_config
+from distill2deploy.config import PipelineConfig, load_config
+from distill2deploy.config_keys import config_hash
 from distill2deploy.stages import STAGES, RunContext
 
 ALL = {"teacher", "distill", "export", "quantize", "validate", "report"}

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from distill2deploy.config import PipelineConfig, apply_overrides, config_hash, load_config
+from distill2deploy.config import PipelineConfig, apply_overrides, load_config
+from distill2deploy.config_keys import config_hash
 from distill2deploy.errors import UserError
 
 

@@ -25,7 +25,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from distill2deploy.augment import BatchAugment, CropFlipParams, crop_flip, sample_params
-from distill2deploy.config import CIFAR100_MEAN, CIFAR100_STD, DataConfig, DistillConfig, PipelineConfig, check_config
+from distill2deploy.config import CIFAR100_MEAN, CIFAR100_STD, DataConfig, DistillConfig, PipelineConfig
+from distill2deploy.config_checks import check_config
 from distill2deploy.data import DataSource, Split
 from distill2deploy.errors import UserError
 from distill2deploy.methods import get_method, list_methods

@@ -169,7 +169,8 @@ def test_search_refuses_flags_it_would_ignore(tmp_path) -> None:
 
 
 def test_qat_refused_at_load_in_a_multi_process_launch(monkeypatch) -> None:
-    from distill2deploy.config import PipelineConfig, QuantizeConfig, QATConfig, check_config
+    from distill2deploy.config import PipelineConfig, QuantizeConfig, QATConfig
+    from distill2deploy.config_checks import check_config
     from distill2deploy.errors import UserError
 
     cfg = PipelineConfig(quantize=QuantizeConfig(search=True, qat=QATConfig(epochs=1)))

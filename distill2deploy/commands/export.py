@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--parity-samples must be >= 1, got {args.parity_samples}", where="--parity-samples",
                         fix="e.g. --parity-samples 256")
     from .._threads import use_threads
-    from ..config import MIN_OPSET, check_normalization, max_opset
+    from ..config import MIN_OPSET, max_opset
+    from ..config_checks import check_normalization
     from ..data import load_source
     from ..deploy.export import export_classifier
     from ..models import CIFAR100_MEAN, CIFAR100_STD

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .. import __version__, _io
-from ..config import CIFAR100_MEAN, CIFAR100_STD, PipelineConfig, config_slice
+from ..config import CIFAR100_MEAN, CIFAR100_STD, PipelineConfig
+from ..config_keys import config_slice
 from ..data import DataSource, load_source, subset_source, warn_default_stats
 from ..errors import UserError
 

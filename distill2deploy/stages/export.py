@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import MODEL_SECTIONS, config_hash
+from ..config_keys import MODEL_SECTIONS, config_hash
 from ..deploy.export import export_classifier
 from ..models.builders import build_student, build_teacher
 from ._base import RunContext, Stage, StageResult

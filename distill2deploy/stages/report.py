@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _io
-from ..config import MODEL_SECTIONS, config_hash
+from ..config_keys import MODEL_SECTIONS, config_hash
 from ..deploy.plots import plot_accuracy_latency, plot_quantize_search
 from ..report import build_report, plot_training_curves, render_markdown
 from ._base import RunContext, Stage, StageResult
