@@ -69,7 +69,8 @@ def test_search_keeps_a_candidate_and_reports_every_one(exported, tmp_path):  # 
     x, y = _inputs(96, seed=5), rng.integers(0, 10, 96)
     out = tmp_path / "best.onnx"
     info = search_int8(exported[0], out, calib_pool=x[:64], eval_inputs=x[64:], eval_labels=y[64:],
-                       candidates=candidate_grid(["minmax"], [32]), float_activations=[1], max_drop=100.0,
+                       # 40 fits to the same whole batch of 32: built, scored and timed once
+                       candidates=candidate_grid(["minmax"], [32, 40]), float_activations=[1], max_drop=100.0,
                        threads=1, batch_sizes=[1], runs=4, rounds=2, input_size=x.shape[-1], progress=False)
     names = [r["name"] for r in info["rows"]]
     assert names == ["pc-minmax-32-u8", "pt-minmax-32-u8", "pc-minmax-32-u8-float1"]

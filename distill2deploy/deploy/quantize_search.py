@@ -155,9 +155,11 @@ def search_int8(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[s
             print(f"[quantize search] warning: {warning}")
         paths: list[Path] = []
 
+        def fit(c: Candidate) -> Candidate:  # whole batches of what the pool holds
+            return replace(c, calib_samples=min(c.calib_samples, len(calib_pool)) // calib_batch_size * calib_batch_size)
+
         def build(c: Candidate, exclude: Sequence[str] = ()) -> dict[str, Any]:
-            n = min(c.calib_samples, len(calib_pool)) // calib_batch_size * calib_batch_size
-            c = replace(c, calib_samples=n)
+            n = c.calib_samples
             cache = tmp / f"ranges-{c.calibrate_method}-{n}.json"  # one calibration per method and size
             path = tmp / f"{c.name}.onnx"
             info = quantize_int8(fp32_path, path, calib_pool[:n], calib_batch_size=calib_batch_size,
@@ -175,7 +177,8 @@ def search_int8(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[s
                 print(f"[quantize search] {c.name}: top-1 {100 * top1:.2f}% (fp32 {100 * fp32_top1:.2f}%)")
             return row
 
-        for c in dict.fromkeys(candidates):
+        # sizes above the pool fit to the same one: each distinct candidate is built, scored and timed once
+        for c in dict.fromkeys(fit(c) for c in candidates):
             build(c)
         sqnr: list[dict[str, Any]] = []
         base = max((r for r in rows if r["per_channel"] and not r["float_activations"]), key=lambda r: r["top1"],
