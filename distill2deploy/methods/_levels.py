@@ -78,9 +78,11 @@ def require_levels(levels: list[list[int]] | None, minimum: int = 1, example: st
                         where="distill.options.levels", fix=f"e.g. {example}, or null for the default pairing")
 
 
-def check_levels(levels: list[list[int]], teacher: nn.Module, student: nn.Module) -> list[tuple[int, int]]:
-    """Configured ``[[teacher_stage, student_stage], ...]`` as tuples; a stage that either network
-    lacks is a UserError naming the pair's key (before anything is built on it)."""
+def check_levels(levels: list[list[int]] | None, teacher: nn.Module, student: nn.Module) -> list[tuple[int, int]]:
+    """Configured ``[[teacher_stage, student_stage], ...]`` as tuples, or (``None``) the default pairing;
+    a stage that either network lacks is a UserError naming the pair's key (before anything is built on it)."""
+    if levels is None:
+        return default_levels(teacher, student)
     nt, ns = stage_count(teacher), stage_count(student)
     out = []
     for i, pair in enumerate(levels):

@@ -23,7 +23,7 @@ from .. import losses
 from .._schema import doc
 from ..models.features import extract
 from ._base import DistillMethod, LossTerms, TeacherOutput
-from ._levels import check_levels, default_levels, optional_kd, require_levels, teacher_diagnostics
+from ._levels import check_levels, optional_kd, require_levels, teacher_diagnostics
 from ._registry import register_method
 
 
@@ -55,8 +55,7 @@ class AT(DistillMethod):
                  input_size: int) -> None:
         super().__init__(student, teachers, options, num_classes=num_classes, input_size=input_size)
         teacher = teachers[0]
-        self.pairs = (check_levels(options.levels, teacher, student) if options.levels is not None
-                      else default_levels(teacher, student))
+        self.pairs = check_levels(options.levels, teacher, student)
 
     def teacher_feature_indices(self) -> list[int] | None:
         return [t for t, _ in self.pairs]

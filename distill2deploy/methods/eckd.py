@@ -30,7 +30,7 @@ from .._schema import doc
 from ..errors import UserError
 from ..models.features import extract
 from ._base import DistillMethod, LossTerms, OptimizerSpec, TeacherOutput
-from ._levels import aux_head, check_levels, default_levels, feature_shapes, mask_logs
+from ._levels import aux_head, check_levels, feature_shapes, mask_logs
 
 AUGMENTS = ("none", "rotate", "flip")
 
@@ -136,8 +136,6 @@ class ECKDBase(DistillMethod):
     def _resolve_levels(self, teacher: nn.Module, student: nn.Module) -> list[tuple[int, int]]:
         if not self._wants_levels():
             return []
-        if self.options.levels is None:
-            return default_levels(teacher, student)
         return check_levels(self.options.levels, teacher, student)
 
     @property

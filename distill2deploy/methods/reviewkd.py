@@ -43,7 +43,7 @@ from .._schema import doc
 from ..errors import UserError
 from ..models.features import ResizeInput, extract, stage_count
 from ._base import DistillMethod, LossTerms, TeacherOutput
-from ._levels import (check_levels, default_levels, dry_run, feature_shapes, match_size, require_levels,
+from ._levels import (check_levels, dry_run, feature_shapes, match_size, require_levels,
                       optional_kd, teacher_diagnostics)
 from ._preact import PreActivation
 from ._registry import register_method
@@ -148,8 +148,7 @@ class ReviewKD(DistillMethod):
                  num_classes: int, input_size: int) -> None:
         super().__init__(student, teachers, options, num_classes=num_classes, input_size=input_size)
         teacher = teachers[0]
-        pairs = (check_levels(options.levels, teacher, student) if options.levels is not None
-                 else default_levels(teacher, student))
+        pairs = check_levels(options.levels, teacher, student)
         if any(a[1] >= b[1] or a[0] > b[0] for a, b in zip(pairs, pairs[1:])):
             raise UserError(f"levels {[list(p) for p in pairs]} do not go from shallow to deep",
                             where="distill.options.levels",
