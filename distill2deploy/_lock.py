@@ -109,12 +109,13 @@ def locked(run_dir: Path, *, per_machine: bool = True) -> Iterator[None]:
     when every machine shares the run directory: ``per_machine=False``) and every process learns
     whether it succeeded (a collective), so the others fail with it instead of waiting forever.
     """
+    from .distributed import manages_run_dir
     from .training.processes import process_state
 
     state = process_state()
     lock: RunLock | None = None
     error: UserError | None = None
-    if state.is_local_main_process if per_machine else state.is_main_process:
+    if manages_run_dir(state, shared=not per_machine):
         try:
             lock = RunLock.acquire(run_dir)
         except UserError as e:

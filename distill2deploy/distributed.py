@@ -212,11 +212,18 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def manages_run_dir(state: Any, *, shared: bool) -> bool:
+    """Whether this process (an Accelerate ``PartialState`` or ``Accelerator``) manages a run directory:
+    the global main process when every machine sees the same one (``shared``), else each machine's
+    local main process for its own copy. The one rule for the run lock, a stage's work directory and
+    the training checkpoint."""
+    return state.is_main_process or (not shared and state.is_local_main_process)
+
+
 def writes_checkpoint(accelerator: Any) -> bool:
-    """Whether this process manages the training checkpoint directory on its machine: the global main
-    process, and each machine's local main when machines keep their own copy (``save_on_each_node``)."""
-    return accelerator.is_main_process or (accelerator.is_local_main_process
-                                           and accelerator.project_configuration.save_on_each_node)
+    """Whether this process manages the training checkpoint directory on its machine: machines keep their
+    own copy when Accelerate saves on each node (``save_on_each_node``)."""
+    return manages_run_dir(accelerator, shared=not accelerator.project_configuration.save_on_each_node)
 
 
 def check_resume(state: dict[str, Any] | None, key: str, version: int, ckpt_dir: Path) -> bool:

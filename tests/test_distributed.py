@@ -346,3 +346,20 @@ def test_on_device_batches_are_augmented_the_same_in_one_process_or_two():
     assert len(single) == 3  # 20 images, global batch 8: 8 + 8 + 4
     for step, full in enumerate(single):
         assert torch.equal(torch.cat([halves[0][step], halves[1][step]]), full)
+
+
+@pytest.mark.parametrize("main, local_main, shared, manages", [
+    (True, True, True, True), (True, True, False, True),
+    (False, True, True, False),  # another machine's first process: the shared directory is rank 0's
+    (False, True, False, True),  # ... but it keeps its own unshared copy
+    (False, False, True, False), (False, False, False, False),
+])
+def test_one_rule_decides_who_manages_a_run_directory(main, local_main, shared, manages):
+    from types import SimpleNamespace
+
+    from distill2deploy.distributed import manages_run_dir, writes_checkpoint
+
+    state = SimpleNamespace(is_main_process=main, is_local_main_process=local_main)
+    assert manages_run_dir(state, shared=shared) is manages
+    acc = SimpleNamespace(**vars(state), project_configuration=SimpleNamespace(save_on_each_node=not shared))
+    assert writes_checkpoint(acc) is manages

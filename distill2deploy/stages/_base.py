@@ -64,10 +64,11 @@ class RunContext:
         """Whether this process manages ``stage``'s work directory on its machine: the main process, and
         for the training stages each machine's first process when machines keep their own run
         directory (its checkpoints live there, so a rerun resumes or restarts alike on every machine)."""
+        from ..distributed import manages_run_dir
         from ..training.processes import process_state
 
-        return self.is_main or (stage.all_processes and not self.run_dir_shared
-                                and process_state().is_local_main_process)
+        # only the training stages run in every process; the others' work is the main process's alone
+        return manages_run_dir(process_state(), shared=self.run_dir_shared or not stage.all_processes)
 
     def data(self, need_train: bool = True) -> DataSource:
         key = "_data_train" if need_train else "_data_test"
