@@ -184,7 +184,8 @@ class ValidateConfig:
     batch_sizes: list[int] = doc([1, 64], "batch sizes at which latency is measured", ge=1)
     warmup: int = doc(20, "untimed runs before timing", ge=0)
     runs: int = doc(200, "timed runs per batch size (at least 200 for the report's percentiles)", ge=1)
-    threads: int | None = doc(None, "onnxruntime intra-op threads for validation (null: the top-level threads)", ge=1)
+    threads: int | None = doc(None, "inference threads for validation in every runtime (onnxruntime intra-op threads, OpenVINO "
+                               "INFERENCE_NUM_THREADS; null: the top-level threads)", ge=1)
     runtimes: list[Literal["onnxruntime", "openvino"]] = doc(
         ["onnxruntime"], "runtimes that run the exported files; the first is the one the report's figures and "
         "baseline.json use, the others are compared with it side by side (accuracy must agree; latency ratios; "

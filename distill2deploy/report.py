@@ -15,6 +15,8 @@ from .deploy.runtime_report import runtime_markdown, runtime_summary
 
 def build_report(run_dir: Path, manifests: dict[str, dict[str, Any]], config_hash: str, name: str) -> dict[str, Any]:
     validate = json.loads((run_dir / manifests["validate"]["outputs"]["results"]["path"]).read_text())
+    settings = dict(validate.get("settings", {}))
+    machine = settings.pop("machine", None)  # once, at the top level
     return {
         "name": name,
         "config_hash": config_hash,
@@ -22,8 +24,8 @@ def build_report(run_dir: Path, manifests: dict[str, dict[str, Any]], config_has
         "agreement": validate.get("agreement", {}),
         "int8": int8_summary(validate),
         "runtimes": runtime_summary(validate),
-        "machine": validate.get("settings", {}).get("machine"),
-        "latency_settings": validate.get("settings", {}),
+        "machine": machine,
+        "latency_settings": settings,
         "teacher": manifests["teacher"]["summary"],
         "distill": manifests["distill"]["summary"],
         "export": manifests["export"]["summary"],
@@ -48,7 +50,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{d['epochs']} epochs: PyTorch test top-1 {_pct(d['test_top1'])} (best epoch {d['best_epoch']}: "
         f"{_pct(d['best_top1'])}).",
         "",
-        *int8_markdown(report.get("int8", {}), report.get("latency_settings", {})),
+        *int8_markdown(report.get("int8", {}), {**report.get("latency_settings", {}), "machine": report.get("machine")}),
         *search_markdown(report.get("quantize", {}).get("search", {})),
         *runtime_markdown(report.get("runtimes", {})),
         f"## Measured in {report.get('latency_settings', {}).get('runtime', 'onnxruntime')}",

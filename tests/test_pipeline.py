@@ -88,7 +88,9 @@ def test_one_config_hash_int8_verdict_and_baseline(finished_run):
     assert tc["change_pts"] == pytest.approx(100 * (top1["student.int8"] - top1["student"])) and tc["n"] == 128
     assert set(verdict["latency_ratio"]) == {"1", "8"} and 0 < verdict["size_ratio"] < 0.5
     assert report["machine"]["threads"] == 1 and report["machine"]["cores"] >= 1  # threads: the run's default
-    assert "## Is INT8 worth it?" in (finished_run / "report.md").read_text()
+    assert "machine" not in report["latency_settings"]  # once, at the top level
+    md = (finished_run / "report.md").read_text()
+    assert "## Is INT8 worth it?" in md and f"{report['machine']['threads']} thread" in md
     baseline = json.loads((finished_run / "baseline.json").read_text())
     assert set(baseline["roles"]) == {"teacher", "student", "student.int8"}
     assert baseline["roles"]["teacher"]["accuracy"]["top1"] == report["models"]["teacher"]["accuracy"]["top1"]
