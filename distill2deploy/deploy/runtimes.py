@@ -10,7 +10,11 @@ defaults differ in ways that change the numbers:
   project's ``threads`` / ``--threads`` (one stream, so a call runs on that many threads);
 - precision: OpenVINO's CPU plugin runs fp32 graphs in bf16 by default on CPUs with bf16 units
   (AMX / AVX512_BF16); ``INFERENCE_PRECISION_HINT`` is set to f32 so an fp32 model is measured
-  and served as fp32 (INT8 QDQ graphs still run their quantized ops as INT8).
+  and served as fp32 (INT8 QDQ graphs still run their quantized ops as INT8);
+- shapes: OpenVINO compiles a static batch per batch size it is called with (see
+  :class:`OpenVinoSession`), because its dynamic-batch path costs more per call than a small net;
+- graph rewrites: onnxruntime runs with every optimisation but :data:`DISABLED_ORT_OPTIMIZERS`,
+  which would change what an INT8 file computes.
 """
 from __future__ import annotations
 
