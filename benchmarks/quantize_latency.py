@@ -17,13 +17,19 @@ duration, interleaved in ``--rounds`` rounds with the order rotated each round, 
 machine hits all alike. Each block records process CPU time (the runtimes' own threads included)
 and wall time per run; the table gives the median over rounds, the spread ((max - min) / median of
 the per-round figures) and the ratio to onnxruntime fp32 of the same model (the median of the
-per-round ratios). ``--threads`` (default 1) is every runtime's intra-op thread count.
+per-round ratios). ``--threads`` (default 1) is every runtime's intra-op thread count. OpenVINO runs
+as the project's sessions do (a static-batch compilation per batch size) and, for comparison, with
+one dynamic-batch compilation (``--ov-shapes``); each thread's CPU ticks (from /proc) show whether a
+runtime's CPU time is spent on the calling thread or in a pool of its own.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +46,7 @@ from distill2deploy.deploy.latency import spread
 from distill2deploy.deploy.machine import describe, fingerprint
 from distill2deploy.deploy.metadata import read_metadata
 from distill2deploy.deploy.regression import paired_accuracy
-from distill2deploy.deploy.runtimes import OpenVinoSession, runtime_version
+from distill2deploy.deploy.runtimes import STATIC_BATCHES, OpenVinoSession, runtime_version
 from distill2deploy.deploy.validate import check_classes
 from distill2deploy.models.factory import create_model
 
@@ -50,6 +56,9 @@ VARIANTS: dict[str, dict] = {
     "default": dict(activation_type="uint8", weight_type="int8", per_channel=True, preprocess=True),
     "per-tensor": dict(activation_type="uint8", weight_type="int8", per_channel=False, preprocess=True),
     "s8s8": dict(activation_type="int8", weight_type="int8", per_channel=True, preprocess=True),
+    # depthwise convs kept in float (onnxruntime's INT8 depthwise kernel is slower than its fp32 one)
+    "dw-float": dict(activation_type="uint8", weight_type="int8", per_channel=True, preprocess=True,
+                     nodes_to_exclude="depthwise"),
 }
 #: the issue's target for the MobileNetV2 student: INT8 on the best runtime vs onnxruntime fp32
 TARGET = {"model": "mobilenetv2_x0_5_cifar", "ratio": {"1": 0.8, "64": 0.5}, "max_drop_pts": 0.3}
@@ -64,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runtimes", nargs="+", default=["onnxruntime", "openvino"])
     p.add_argument("--ov-hints", nargs="+", default=["LATENCY"], choices=["LATENCY", "THROUGHPUT"],
                    help="OpenVINO PERFORMANCE_HINTs to time (each one a configuration)")
+    p.add_argument("--ov-shapes", nargs="+", default=["static", "dynamic"], choices=["static", "dynamic"],
+                   help="OpenVINO compilations to time: static (per batch size, what sessions use) and the "
+                   "dynamic-batch one (each one a configuration)")
     p.add_argument("--trained", action="append", default=[], metavar="MODEL=RUN_DIR",
                    help="a pipeline run of MODEL (its export/student.onnx and quantize/student.int8.onnx): "
                    "timed too, and its top-1 measured on --data (repeatable)")
@@ -87,22 +99,47 @@ def export_random(name: str, out_dir: Path, args: argparse.Namespace, variants: 
     calib = np.random.default_rng(0).standard_normal((256, 3, args.input_size, args.input_size), dtype=np.float32)
     for v in variants:
         files[f"int8-{v}"] = out_dir / f"{name}.{v}.int8.onnx"
-        quantize_int8(files["fp32"], files[f"int8-{v}"], calib, calib_batch_size=32, threads=args.threads,
-                      **VARIANTS[v])
+        kwargs = dict(VARIANTS[v])
+        if kwargs.get("nodes_to_exclude") == "depthwise":
+            kwargs["nodes_to_exclude"] = depthwise_convs(files["fp32"])
+        quantize_int8(files["fp32"], files[f"int8-{v}"], calib, calib_batch_size=32, threads=args.threads, **kwargs)
     return files
 
 
+def depthwise_convs(path: Path) -> list[str]:
+    """Names of the grouped (depthwise) Conv nodes of an ONNX file."""
+    import onnx
+
+    return [n.name for n in onnx.load(str(path)).graph.node
+            if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+
+
 def sessions(files: dict[str, Path], args: argparse.Namespace) -> dict[tuple[str, str], Any]:
-    """One session per (file label, runtime label): onnxruntime, and OpenVINO once per hint."""
+    """One session per (file label, runtime label): onnxruntime, and OpenVINO once per hint and shape."""
     out = {}
     for label, path in files.items():
         for runtime in args.runtimes:
             if runtime == "openvino":
-                for hint in args.ov_hints:
-                    tag = "openvino" if hint == "LATENCY" else f"openvino-{hint.lower()}"
-                    out[(label, tag)] = OpenVinoSession(path, threads=args.threads, hint=hint)
+                for hint, shapes in itertools.product(args.ov_hints, args.ov_shapes):
+                    tag = "-".join(["openvino"] + [hint.lower()] * (hint != "LATENCY") + ["dynamic"] * (shapes == "dynamic"))
+                    out[(label, tag)] = OpenVinoSession(path, threads=args.threads, hint=hint,
+                                                        static_batches=STATIC_BATCHES if shapes == "static" else 0)
             else:
                 out[(label, runtime)] = make_session(path, threads=args.threads, runtime=runtime)
+    return out
+
+
+def thread_ticks() -> dict[str, int]:
+    """CPU clock ticks (user + system) of each thread of this process, from /proc (empty elsewhere):
+    shows whether a runtime's CPU time is spent on the calling thread or in its own pool."""
+    out = {}
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        out[tid] = int(fields[11]) + int(fields[12])
     return out
 
 
@@ -116,10 +153,15 @@ def time_model(sess: dict[tuple[str, str], Any], bs: int, args: argparse.Namespa
         cpu = float(np.median([run(1)[1] for _ in range(3)]))
         plan[k] = max(1, round(args.block_seconds / max(cpu, 1e-6)))
     rounds = {k: {"cpu_ms": [], "wall_ms": []} for k in timers}
+    ticks = {k: {"calling": 0, "other": 0} for k in timers}
+    me = str(threading.get_native_id())
     keys = list(timers)
     for r in range(args.rounds):
         for k in keys[r % len(keys):] + keys[:r % len(keys)]:  # rotate the order: no config always goes first
+            t0 = thread_ticks()
             wall, cpu = timers[k](plan[k], True)
+            for tid, t in thread_ticks().items():
+                ticks[k]["calling" if tid == me else "other"] += t - t0.get(tid, 0)
             rounds[k]["cpu_ms"].append(cpu * 1e3)
             rounds[k]["wall_ms"].append(wall * 1e3)
     ref = rounds[("fp32", "onnxruntime")]
@@ -129,7 +171,7 @@ def time_model(sess: dict[tuple[str, str], Any], bs: int, args: argparse.Namespa
                   **{f"{c}_spread": spread(v[c]) for c in ("cpu_ms", "wall_ms")},
                   **{f"{c}_ratio": float(np.median(np.asarray(v[c]) / np.asarray(ref[c]))) for c in ("cpu_ms", "wall_ms")},
                   "cpu_ratio_spread": spread(np.asarray(v["cpu_ms"]) / np.asarray(ref["cpu_ms"])),
-                  "runs_per_block": plan[k], "rounds": v}
+                  "runs_per_block": plan[k], "thread_ticks": ticks[k], "rounds": v}
     return out
 
 
@@ -192,7 +234,24 @@ def verdict(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
                 drop = (f"; top-1 {c['change_pts']:+.2f} pts [95% CI {c['ci95_pts'][0]:+.2f}, {c['ci95_pts'][1]:+.2f}] "
                         f"(target >= -{TARGET['max_drop_pts']})")
             lines.append(f"target {model} INT8 on {runtime}: {text}{drop}: {'MET' if ok else 'MISSED'}")
+        best = {b: min((t["cpu_ms_ratio"], k.split(" | ")[1]) for k, t in m["timing"][b].items()
+                       if k.startswith("int8-default | ")) for b in TARGET["ratio"] if b in m["timing"]}
+        lines.append(f"fastest INT8 runtime per batch size for {model}: "
+                     + ", ".join(f"bs{b} {rt} {r:.2f}x" for b, (r, rt) in best.items()))
     return lines
+
+
+def thread_lines(results: dict[str, Any]) -> list[str]:
+    """Where each runtime's CPU time went: the calling thread or the runtime's own threads (from /proc)."""
+    ticks: dict[str, list[int]] = {}
+    for m in results["models"].values():
+        for per_bs in m["timing"].values():
+            for key, t in per_bs.items():
+                c = ticks.setdefault(key.split(" | ")[1], [0, 0])
+                c[0] += t["thread_ticks"]["calling"]
+                c[1] += t["thread_ticks"]["other"]
+    return ["CPU time on the calling thread: " + ", ".join(
+        f"{rt} {100 * a / max(a + b, 1):.1f}% ({a + b} ticks)" for rt, (a, b) in ticks.items())]
 
 
 def plot(results: dict[str, Any], batch_sizes: list[str], path: Path) -> None:
@@ -259,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
               f"cpu = process CPU ms per run (median over rounds, ± its spread), x ort32 = median per-round ratio to "
               f"onnxruntime fp32 of the same model; {args.threads} intra-op thread(s) in every runtime "
               f"({', '.join(f'{k} {v}' for k, v in results['versions'].items())}); {results['machine_line']}"]
-    lines += verdict(results, args)
+    lines += thread_lines(results) + verdict(results, args)
     print("\n".join(lines))
     results["table"] = lines
     _io.write_json(args.out_dir / "results.json", results)

@@ -229,3 +229,63 @@ def test_serve_on_openvino_through_the_micro_batcher(models):
         metrics = client.get("/metrics").text
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     assert 'model="tiny"' in metrics
+
+
+def _depthwise_model(path: Path) -> Path:
+    """Conv(3->8) + Relu, a depthwise 3x3 conv, a 1x1 identity conv, pooled. The depthwise weights
+    of channel c scale like 10^(-3 + 3c/7) and its input like the inverse, so every activation is
+    about the same size (per-tensor activation scales lose nothing) but the weights span 1000x."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    scale = np.logspace(-3, 0, 8)[:, None, None, None]
+    w1 = (rng.standard_normal((8, 3, 1, 1)) / scale).astype(np.float32)
+    dw = (rng.standard_normal((8, 1, 3, 3)) * scale).astype(np.float32)
+    eye = np.eye(8, dtype=np.float32)[:, :, None, None]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="pointwise"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+             helper.make_node("Conv", ["r1", "dw"], ["c2"], name="depthwise", group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["c2", "eye"], ["c3"], name="identity"),
+             helper.make_node("GlobalAveragePool", ["c3"], ["g"], name="pool"),
+             helper.make_node("Flatten", ["g"], ["logits"], name="flatten")]
+    graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 8])],
+                              [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (dw, "dw"), (eye, "eye"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_conv_kept_in_float_stays_float_in_onnxruntime(tmp_path):
+    """onnxruntime's WeightBiasQuantization would quantize the excluded depthwise conv (between a
+    DequantizeLinear and a QuantizeLinear) per tensor, rounding its small channels' weights to zero;
+    sessions here turn it off, so they compute what the file says."""
+    import onnxruntime as ort
+
+    x = np.random.default_rng(1).standard_normal((64, 3, 8, 8), dtype=np.float32)
+    fp32 = _depthwise_model(tmp_path / "dw.onnx")
+    q = tmp_path / "dw.int8.onnx"
+    quantize_int8(fp32, q, x, calib_batch_size=32, threads=1, nodes_to_exclude=["depthwise"])
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the file's ops, literally
+    literal = ort.InferenceSession(str(q), opts, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    got = make_session(q, threads=1).run(x)
+    np.testing.assert_allclose(got, literal, rtol=0.05, atol=0.05 * np.abs(literal).max())
+
+
+@needs_openvino
+def test_openvino_compiles_each_batch_size_once_up_to_a_bound(models):
+    from distill2deploy.deploy.runtimes import OpenVinoSession
+
+    x = np.random.default_rng(4).standard_normal((5, 3, SIZE, SIZE), dtype=np.float32)
+    want = make_session(models["fp32"], threads=1).run(x)
+    s = OpenVinoSession(models["fp32"], threads=1, static_batches=2)
+    assert s.compiled_batches() == [1] and s.inputs[0].shape[0] is None  # batch 1 at load; the port stays dynamic
+    for n in (1, 3, 5, 4, 3):  # 3 gets the second static slot; 5 and 4 share the dynamic compilation
+        np.testing.assert_allclose(s.run(x[:n]), want[:n], rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert s.compiled_batches() == [1, 3, None]
+    out = s.run(x[:1])
+    s.run(x[1:2])
+    np.testing.assert_allclose(out, want[:1], rtol=1e-4, atol=1e-4 * np.abs(want).max())  # a copy, not the buffer

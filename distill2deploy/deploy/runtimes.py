@@ -10,7 +10,11 @@ defaults differ in ways that change the numbers:
   project's ``threads`` / ``--threads`` (one stream, so a call runs on that many threads);
 - precision: OpenVINO's CPU plugin runs fp32 graphs in bf16 by default on CPUs with bf16 units
   (AMX / AVX512_BF16); ``INFERENCE_PRECISION_HINT`` is set to f32 so an fp32 model is measured
-  and served as fp32 (INT8 QDQ graphs still run their quantized ops as INT8).
+  and served as fp32 (INT8 QDQ graphs still run their quantized ops as INT8);
+- shapes: OpenVINO compiles a static batch per batch size it is called with (see
+  :class:`OpenVinoSession`), because its dynamic-batch path costs more per call than a small net;
+- graph rewrites: onnxruntime runs with every optimisation but :data:`DISABLED_ORT_OPTIMIZERS`,
+  which would change what an INT8 file computes.
 """
 from __future__ import annotations
 
@@ -100,38 +104,96 @@ def _ov_port(port: Any) -> Port:
                 [d.get_length() if d.is_static else None for d in port.get_partial_shape()])
 
 
+#: batch sizes an OpenVINO session compiles a static-shape model for; calls with other sizes share one
+#: dynamic-batch compilation. Static shapes cut the per-call CPU of MobileNetV2-x0.5 INT8 at batch 1
+#: from ~0.65 to ~0.3 ms (benchmarks/README.md); each compilation costs ~0.2-0.8 s once.
+STATIC_BATCHES = 8
+
+
 class OpenVinoSession:
-    """An OpenVINO model compiled for the CPU with explicit precision and threads, one infer request."""
+    """An OpenVINO model compiled for the CPU with explicit precision and threads.
+
+    OpenVINO's CPU plugin plans memory and picks kernels per shape, and a dynamic batch pays for that
+    on every call (about 0.3 ms of CPU for a 32x32 MobileNetV2, more than the whole network at batch
+    1). So the model is compiled for a static batch the first time each batch size is seen (batch 1
+    at load, which also makes a model OpenVINO cannot compile fail at load), up to ``static_batches``
+    sizes; other sizes share one dynamic-batch compilation. Each compilation keeps one infer request,
+    and the input is handed to it without a copy.
+    """
 
     runtime = "openvino"
 
-    def __init__(self, path: Path, *, threads: int | None, hint: str = "LATENCY") -> None:
+    def __init__(self, path: Path, *, threads: int | None, hint: str = "LATENCY",
+                 static_batches: int = STATIC_BATCHES) -> None:
         """``hint`` is OpenVINO's ``PERFORMANCE_HINT``: LATENCY (one stream: a call uses every thread)
         or THROUGHPUT (several streams for concurrent requests; with one thread, the same)."""
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": hint}
+        self._ov = _openvino()
+        self._config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": hint}
         if threads is not None:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        core = _openvino().Core()
+            self._config["INFERENCE_NUM_THREADS"] = int(threads)
+        self._core, self._path, self._static_batches = self._ov.Core(), path, int(static_batches)
+        self._model = self._load(lambda: self._core.read_model(str(path)))
+        self.inputs = [_ov_port(p) for p in self._model.inputs]
+        self.outputs = [_ov_port(p) for p in self._model.outputs]
+        self._names = [p.name for p in self.outputs]
+        self._fixed_batch = self.inputs[0].shape[0] if self.inputs[0].shape else None
+        #: batch size (None: the dynamic-batch compilation) -> (compiled model, its infer request)
+        self._compiled: dict[int | None, tuple[Any, Any]] = {}
+        self._lock = threading.Lock()  # an infer request must not be used by two threads at once
+        self._request(self._fixed_batch or 1)
+
+    def _load(self, step: Any) -> Any:
         try:
-            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+            return step()
         except Exception as e:  # noqa: BLE001
             raise UserError(f"OpenVINO cannot load the model ({type(e).__name__}: {str(e)[:300]})",
-                            where=str(path), fix="re-export it with distill2deploy, or use --runtime onnxruntime") from None
-        self.inputs = [_ov_port(p) for p in self.compiled.inputs]
-        self.outputs = [_ov_port(p) for p in self.compiled.outputs]
-        self._names = [p.name for p in self.outputs]
-        self._request = self.compiled.create_infer_request()
-        self._lock = threading.Lock()  # an infer request must not be used by two threads at once
+                            where=str(self._path), fix="re-export it with distill2deploy, or use --runtime onnxruntime") from None
+
+    def _request(self, batch: int) -> Any:
+        """The infer request compiled for ``batch`` (compiled now if needed; see the class docstring)."""
+        if self._fixed_batch is not None:
+            key: int | None = self._fixed_batch  # the file's own static batch (others are OpenVINO's error)
+        elif batch in self._compiled or sum(k is not None for k in self._compiled) < self._static_batches:
+            key = batch
+        else:
+            key = None
+        if key not in self._compiled:
+            model = self._model
+            if key is not None and self._fixed_batch is None:
+                model = self._model.clone()
+                shape = self._model.inputs[0].get_partial_shape()
+                shape[0] = key
+                model.reshape({0: shape})
+            compiled = self._load(lambda: self._core.compile_model(model, "CPU", self._config))
+            self._compiled[key] = (compiled, compiled.create_infer_request())
+        return self._compiled[key][1]
+
+    def compiled_batches(self) -> list[int | None]:
+        """Batch sizes compiled so far (None: the shared dynamic-batch compilation)."""
+        return list(self._compiled)
 
     def property(self, key: str) -> Any:
         """A property of the compiled model as OpenVINO applied it (e.g. ``INFERENCE_PRECISION_HINT``)."""
-        return self.compiled.get_property(key)
+        return next(iter(self._compiled.values()))[0].get_property(key)
 
     def run(self, batch: np.ndarray, output_name: str | None = None) -> np.ndarray:
         i = self._names.index(output_name) if output_name else 0
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
         with self._lock:
-            # share_inputs: no copy of the batch; the outputs are copied out of the request's buffers
-            return self._request.infer({0: batch}, share_inputs=True)[i]
+            request = self._request(len(batch))
+            # the request reads the caller's array in place; the output is copied out of its buffer,
+            # which the next call overwrites
+            request.set_input_tensor(self._ov.Tensor(batch, shared_memory=True))
+            request.infer()
+            return request.get_output_tensor(i).data.copy()
+
+
+#: onnxruntime graph optimizers every session here turns off. ``WeightBiasQuantization`` quantizes
+#: the float weights of a Conv/Gemm whose input comes from a DequantizeLinear, *per tensor*: it undoes
+#: ``quantize.nodes_to_exclude`` (a node kept in float on purpose) and, on depthwise convs whose
+#: channels differ in range, silently wrecks the result (measured: MobileNetV2-x0.5 with its 17
+#: depthwise convs kept in float agreed with fp32 on 9% of images instead of 93%).
+DISABLED_ORT_OPTIMIZERS = ("WeightBiasQuantization",)
 
 
 def session_options(threads: int | None = None, *, spin: bool = True) -> Any:
@@ -180,7 +242,8 @@ def make_session(path: str | os.PathLike[str], *, threads: int | None = None, sp
     import onnxruntime as ort
 
     try:
-        session = ort.InferenceSession(str(p), session_options(threads, spin=spin), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(p), session_options(threads, spin=spin), providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=list(DISABLED_ORT_OPTIMIZERS))
     except Exception as e:  # noqa: BLE001
         load_model(p, load_external_data=False)  # raises the friendlier UserError when it applies
         raise UserError(f"onnxruntime cannot load the model ({type(e).__name__}: {str(e)[:300]})",
