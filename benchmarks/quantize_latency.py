@@ -48,7 +48,7 @@ from distill2deploy.deploy.metadata import read_metadata
 from distill2deploy.deploy.regression import paired_accuracy
 from distill2deploy.deploy.runtimes import STATIC_BATCHES, OpenVinoSession, runtime_version
 from distill2deploy.deploy.validate import check_classes
-from distill2deploy.models.factory import create_model
+from distill2deploy.models.factory import random_init_model
 
 STUDENTS = ["mobilenetv2_x0_5_cifar", "shufflenetv1_cifar", "shufflenetv2_cifar", "resnet20_cifar", "resnet8x4_cifar"]
 # name -> quantize_int8 keyword arguments ("default" = the pipeline's quantize stage defaults)
@@ -90,8 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def export_random(name: str, out_dir: Path, args: argparse.Namespace, variants: list[str]) -> dict[str, Path]:
     """fp32 and INT8 files of ``name`` with seeded random weights (``export --random-init``)."""
-    torch.manual_seed(0)
-    model = create_model(name, num_classes=args.num_classes).eval()
+    model = random_init_model(name, num_classes=args.num_classes).eval()
     meta = build_metadata(model_name=name, class_names=[str(i) for i in range(args.num_classes)], mean=[0.5] * 3,
                           std=[0.25] * 3, input_size=args.input_size, config_hash="random-init")
     files = {"fp32": out_dir / f"{name}.onnx"}

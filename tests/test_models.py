@@ -344,3 +344,19 @@ def test_extract_in_requested_order_and_hook_fallback(x2: torch.Tensor) -> None:
         extract(plain, x2, [0])
     with pytest.raises(UserError, match="no feature_info"):
         stage_count(plain)
+
+
+def test_random_init_model_is_seeded_and_leaves_the_callers_random_state():
+    import torch
+
+    from distill2deploy.models.factory import random_init_model
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = random_init_model("resnet8_cifar", num_classes=10)
+    assert torch.equal(torch.rand(3), expected)  # the caller's stream is where it was
+    b = random_init_model("resnet8_cifar", num_classes=10)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    c = random_init_model("resnet8_cifar", num_classes=10, seed=1)
+    assert not torch.equal(next(iter(a.parameters())), next(iter(c.parameters())))

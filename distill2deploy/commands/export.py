@@ -93,14 +93,11 @@ def run(args: argparse.Namespace) -> int:
 def _standalone_model(args: argparse.Namespace) -> object:
     """The model of a standalone export: --checkpoint's weights, timm's pretrained ones, or (--random-init)
     a seeded random initialisation; a model without pretrained weights needs one of the two flags."""
-    import torch
-
-    from ..models.factory import check_model_name, create_model, has_pretrained
+    from ..models.factory import check_model_name, create_model, has_pretrained, random_init_model
 
     check_model_name(args.model, "--model")
     if args.random_init:
-        torch.manual_seed(0)  # the same graph and weights on every run: same bytes
-        return create_model(args.model, num_classes=args.num_classes)
+        return random_init_model(args.model, num_classes=args.num_classes)
     if args.checkpoint is None and not has_pretrained(args.model):
         raise UserError(f"no pretrained weights are registered for {args.model!r}", where="export --model",
                         fix="pass --checkpoint FILE with trained weights, or --random-init to export randomly "

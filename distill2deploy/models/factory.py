@@ -82,6 +82,17 @@ def _check_pretrained_exists(name: str, role: str | None) -> None:
         )
 
 
+def random_init_model(name: str, *, num_classes: int, seed: int = 0, **kwargs: Any) -> nn.Module:
+    """``name`` with seeded random weights: the same graph and weights on every call (same exported
+    bytes), for latency benchmarks of architectures without trained weights. The caller's random
+    state is left as it was."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_model(name, num_classes=num_classes, **kwargs)
+
+
 def create_model(
     name: str,
     *,
