@@ -354,9 +354,9 @@ def test_random_init_model_is_seeded_and_leaves_the_callers_random_state():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    a = random_init_model("resnet8_cifar", num_classes=10)
+    a = random_init_model("resnet20_cifar", num_classes=10)
     assert torch.equal(torch.rand(3), expected)  # the caller's stream is where it was
-    b = random_init_model("resnet8_cifar", num_classes=10)
+    b = random_init_model("resnet20_cifar", num_classes=10)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    c = random_init_model("resnet8_cifar", num_classes=10, seed=1)
+    c = random_init_model("resnet20_cifar", num_classes=10, seed=1)
     assert not torch.equal(next(iter(a.parameters())), next(iter(c.parameters())))
