@@ -20,7 +20,7 @@ moved there; torch 2.14 no longer ships it):
    onnxruntime fuses into INT8 kernels everywhere. torchao's own QDQ export (:func:`convert_qat`) is
    not: the X86 quantizer leaves the output of a conv that feeds a residual Add unquantized (for
    Inductor's conv+add kernel), so onnxruntime keeps those convs in float. Measured on the
-   MobileNetV2-x0.5 CIFAR-10 student (docs/quantization.md): torchao's file 1.10x fp32 time, the
+   MobileNetV2-x0.5 CIFAR-10 student (docs/qat.md): torchao's file 1.10x fp32 time, the
    re-quantized one as fast as post-training INT8.
 
 Methods that read the student's intermediate features (hooks on its modules) cannot run on an
@@ -54,7 +54,7 @@ def _torchao() -> Any:
 
 def _quantization_config(x86: Any, per_channel: bool) -> Any:
     """The X86 quantizer's QAT config; with ``per_channel=False`` one symmetric scale per weight tensor
-    (the faster onnxruntime kernels that post-training quantization can break, see docs/quantization.md)."""
+    (the faster onnxruntime kernels that post-training quantization can break, see docs/qat.md)."""
     import dataclasses
 
     from torchao.quantization.pt2e import MovingAverageMinMaxObserver
@@ -80,7 +80,12 @@ def prepare_qat(student: nn.Module, input_size: int, in_chans: int = 3, *, per_c
     example = torch.randn(4, in_chans, input_size, input_size)
     graph = torch.export.export(student, (example,), dynamic_shapes=({0: batch},)).module()
     quantizer = x86.X86InductorQuantizer().set_global(_quantization_config(x86, per_channel))
-    prepared = quantize_pt2e.prepare_qat_pt2e(graph, quantizer)
+    try:
+        prepared = quantize_pt2e.prepare_qat_pt2e(graph, quantizer)
+    except ValueError as e:  # measured: ResNet-56's conv+bn+add+relu blocks ("more than one output node")
+        raise UserError(f"torchao's X86 quantizer cannot prepare {type(student).__name__} for quantization-aware "
+                        f"training ({e})", where="quantize.qat.epochs",
+                        fix="set quantize.qat.epochs: 0 (the search's post-training INT8 file is kept)") from None
     pt2e.allow_exported_model_train_eval(prepared)
     return prepared
 

@@ -149,3 +149,21 @@ def test_killed_qat_resumes_and_a_finished_one_is_reused(tmp_path):
     row = _qat_row(run_dir)
     assert row["resumed_from_epoch"] == 2 and (run_dir / "quantize" / "qat" / "metrics.jsonl").read_text() == metrics
     assert (run_dir / name).read_bytes() == (reference / name).read_bytes()
+
+
+@pytest.mark.slow
+def test_a_network_torchao_cannot_prepare_is_a_clear_error():
+    """torchao 0.18's X86 quantizer fails on the CIFAR ResNets' conv+bn+add+relu blocks: the user is told
+    which key turns quantization-aware distillation off instead of getting a traceback."""
+    pytest.importorskip("torchao")
+    from distill2deploy.errors import UserError
+    from distill2deploy.models.factory import create_model
+    from distill2deploy.qat import prepare_qat
+
+    model = create_model("resnet20_cifar", num_classes=10, checkpoint=None, role="student")
+    try:
+        prepare_qat(model, 32)
+    except UserError as e:
+        assert e.where == "quantize.qat.epochs" and "quantize.qat.epochs: 0" in e.fix
+    else:  # a later torchao that prepares these blocks: the error path is not reachable
+        pytest.skip("this torchao prepares resnet20_cifar")
