@@ -20,7 +20,7 @@ moved there; torch 2.14 no longer ships it):
    onnxruntime fuses into INT8 kernels everywhere. torchao's own QDQ export (:func:`convert_qat`) is
    not: the X86 quantizer leaves the output of a conv that feeds a residual Add unquantized (for
    Inductor's conv+add kernel), so onnxruntime keeps those convs in float. Measured on the
-   MobileNetV2-x0.5 CIFAR-10 student (docs/qat.md): torchao's file 1.10x fp32 time, the
+   MobileNetV2-x0.5 CIFAR-10 student (docs/qat.md): torchao's file 1.03-1.16x fp32 time, the
    re-quantized one as fast as post-training INT8.
 
 Methods that read the student's intermediate features (hooks on its modules) cannot run on an

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from .conftest import kill_at_checkpoint
 from .test_deploy import CLASSES, SIZE, _inputs, _tiny_model, exported  # noqa: F401
 
 
@@ -115,21 +114,10 @@ def test_killed_qat_resumes_and_a_finished_one_is_reused(tmp_path):
     cmd = [sys.executable, "-m", "distill2deploy", *_args(run_dir)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    deadline = time.time() + 300
-    while True:
-        states = list(run_dir.glob(".work/quantize-*/qat/checkpoints/last/trainer_state.json"))
-        try:
-            if json.loads(states[0].read_text())["next_epoch"] >= 1:
-                break
-        except (IndexError, FileNotFoundError, ValueError, KeyError):
-            pass
-        assert proc.poll() is None, "the run ended before QAT's first checkpoint"
-        assert time.time() < deadline, "no QAT checkpoint within 300 s"
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    recover_checkpoint(states[0].parent)
-    killed_at = json.loads(states[0].read_text())["next_epoch"]
+    state = kill_at_checkpoint(proc, run_dir, ".work/quantize-*/qat/checkpoints/last/trainer_state.json",
+                               lambda s: s["next_epoch"] >= 1)
+    recover_checkpoint(state.parent)
+    killed_at = json.loads(state.read_text())["next_epoch"]
     assert not (run_dir / "quantize" / "stage.json").exists()
 
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
