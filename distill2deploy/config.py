@@ -146,6 +146,8 @@ class QATConfig(ScheduleConfig):
     milestones: list[int] = doc([], "epochs at which the lr is multiplied by gamma", ge=1)
     always: bool = doc(False, "fine-tune even when a searched candidate fits, adding it to the search's table "
                        "(the fastest model within budget is still the one kept)")
+    per_channel: bool = doc(True, "per-channel weight scales while fine-tuning and in the INT8 file; false: one scale "
+                            "per weight tensor (faster kernels that post-training quantization may break)")
 
 
 @dataclass

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,27 @@ def resnet56_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     str(weights), "--data", f"npz:{SAMPLE_NPZ}", "--out", str(out)], cwd=REPO, check=True,
                    stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return out
+
+
+def kill_at_checkpoint(proc: subprocess.Popen, run_dir: Path, pattern: str, ready: Callable[[dict], bool],
+                       timeout: float = 300) -> Path:
+    """SIGKILL ``proc``'s process group as soon as a trainer state file under ``run_dir`` matching
+    ``pattern`` satisfies ``ready``; returns that file. Fails if the run ends or ``timeout`` passes first."""
+    import json
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            state = next(run_dir.glob(pattern))
+            if ready(json.loads(state.read_text())):
+                break
+        except (StopIteration, FileNotFoundError, ValueError, KeyError):
+            pass
+        assert proc.poll() is None, f"the run ended before a checkpoint matching {pattern} was ready"
+        assert time.time() < deadline, f"no checkpoint matching {pattern} within {timeout} s"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return state

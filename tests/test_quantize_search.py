@@ -142,7 +142,7 @@ def test_pipeline_search_and_qat_end_to_end(tmp_path):
     assert names[:3] == ["pc-minmax-32-u8", "pt-minmax-32-u8", "pc-minmax-32-u8-float1"]
     assert names[3].startswith("qat-kd-1ep") and search["chosen"] in names and search["eval_samples"] == 64
     assert all(r["latency_ratio"] > 0 and 0 <= r["top1"] <= 1 for r in search["rows"])
-    ops = {n.op_type for n in onnx.load(str(run / "quantize" / "qat" / "student.qat.onnx")).graph.node}
+    ops = {n.op_type for n in onnx.load(str(run / "quantize" / "qat" / "student.qat.int8.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
     md = (run / "report.md").read_text()
     assert "## INT8 search" in md and all(f"`{n}`" in md for n in names)

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ import torch
 
 from distill2deploy.training.checkpoint import recover_checkpoint
 
-from .conftest import SAMPLE_NPZ, WEIGHTS, need_shared
+from .conftest import SAMPLE_NPZ, WEIGHTS, kill_at_checkpoint, need_shared
 
 
 def command(run_dir: Path) -> list[str]:
@@ -49,21 +47,9 @@ def test_kill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(command(run_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    deadline = time.time() + 300
-    while True:
-        # The stage trains in its work directory; it becomes run/distill only when it has finished.
-        states = list(run_dir.glob(".work/distill-*/checkpoints/last/trainer_state.json"))
-        try:
-            state = states[0]
-            if json.loads(state.read_text())["next_step"] > 0:  # a checkpoint inside an epoch
-                break
-        except (IndexError, FileNotFoundError, ValueError, KeyError):
-            pass
-        assert proc.poll() is None, "the run ended before a mid-epoch checkpoint"
-        assert time.time() < deadline, "no mid-epoch checkpoint within 300 s"
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # The stage trains in its work directory; it becomes run/distill only when it has finished.
+    state = kill_at_checkpoint(proc, run_dir, ".work/distill-*/checkpoints/last/trainer_state.json",
+                               lambda s: s["next_step"] > 0)  # a checkpoint inside an epoch
     recover_checkpoint(state.parent)  # what the rerun does first, if the kill fell between two renames
     killed_at = json.loads(state.read_text())
     assert not (run_dir / "distill" / "stage.json").exists() and not (run_dir / "distill" / "student.pt").exists()

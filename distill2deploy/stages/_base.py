@@ -113,6 +113,13 @@ class Stage:
     # --- work directories --------------------------------------------------------------
     #: files of a finished run that let a rerun with the same key resume instead of starting over
     resume_files: ClassVar[tuple[str, ...]] = ()
+    #: the trainer's checkpoint among them: its key decides whether a finished stage's files are reused
+    checkpoint_dir: ClassVar[str] = "checkpoints/last"
+
+    def resume_key(self, ctx: RunContext, key: str) -> str:
+        """The key a finished stage's checkpoint must carry for its resume files to be reused: the stage's
+        cache key, unless the training is only part of the stage (quantize's QAT has a key of its own)."""
+        return key
 
     def work_dir(self, ctx: RunContext, key: str) -> Path:
         return ctx.run_dir / WORK / f"{self.name}-{key[:16]}"
@@ -135,7 +142,7 @@ class Stage:
         done = ctx.run_dir / self.name
         if fresh or not self.resume_files or any((work / f).exists() for f in self.resume_files):
             return work
-        if _checkpoint_key(done) == key:
+        if _checkpoint_key(done / self.checkpoint_dir) == self.resume_key(ctx, key):
             for f in self.resume_files:
                 src = done / f
                 if src.is_dir():
@@ -154,7 +161,7 @@ class Stage:
 
     def abandon(self, ctx: RunContext, work: Path) -> None:
         """After a failure: keep a work directory only when it holds a checkpoint to resume from."""
-        if work.exists() and not (work / "checkpoints").exists():
+        if work.exists() and not (work / self.checkpoint_dir).parent.exists():
             shutil.rmtree(work, ignore_errors=True)
             _remove_if_empty(ctx.run_dir / WORK)
 
@@ -205,11 +212,11 @@ def _remove_if_empty(folder: Path) -> None:
         folder.rmdir()
 
 
-def _checkpoint_key(stage_dir: Path) -> str | None:
-    """The cache key a finished training stage's last checkpoint was written under."""
+def _checkpoint_key(ckpt_dir: Path) -> str | None:
+    """The key a finished training stage's last checkpoint was written under."""
     from ..training.checkpoint import read_state  # the trainer owns its state file's name and format
 
-    state = read_state(stage_dir / "checkpoints" / "last")
+    state = read_state(ckpt_dir)
     return state.get("key") if isinstance(state, dict) else None
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import __version__, _io
+from ..config_keys import config_slice
 from ..data import DataSource, Split, preprocess
 from ..deploy.evaluate import accuracy, make_session, run_batched
 from ..deploy.latency import measure_latency_many
@@ -64,18 +66,39 @@ class QuantizeStage(Stage):
         print(f"[quantize] {out.name}: {info['bytes'] / 1e6:.2f} MB, calibrated on {info['calib_samples']} images")
         return StageResult(outputs={"student_int8": out}, summary=info)
 
+    #: quantization-aware distillation's checkpoint: a killed run resumes it, a rerun whose QAT inputs did
+    #: not change (only the search's timing, budget, ...) reuses the finished one instead of retraining
+    resume_files = ("qat/checkpoints/last", "qat/metrics.jsonl", "qat/best.pt")
+    checkpoint_dir = "qat/checkpoints/last"
+
+    def resume_key(self, ctx: RunContext, key: str) -> str:
+        return self._qat_key(ctx)
+
+    def _qat_key(self, ctx: RunContext) -> str:
+        """What the fine-tuned weights depend on: the data, the held-out slice it leaves out, the QAT
+        schedule, the loss, the teacher and distilled student. Not the search's candidates, timing or
+        budget, which only decide what is done with those weights."""
+        reads = ("seed", "data", "quantize.search_samples", "quantize.qat", "distill.method", "distill.options",
+                 "distill.mixed_precision")
+        cfg = config_slice(ctx.cfg, reads)
+        cfg["quantize"]["qat"].pop("always")
+        return _io.obj_sha256({"qat": __version__, "config": cfg,
+                               "upstream": {d: ctx.manifests[d]["outputs_sha256"] for d in ("teacher", "distill")}})
+
     def _add_qat(self, ctx: RunContext, stage_dir: Path, out: Path, info: dict[str, Any]) -> None:
-        """Fine-tune with fake quantization on the training images outside the held-out slice, score the
-        result on that slice, time it interleaved with fp32 and the searched choice, and keep it when it
-        is the fastest model within budget (or the only one closer to it)."""
+        """Fine-tune with fake quantization on the training images outside the held-out slice (resuming
+        ``qat/checkpoints/last``), quantize the tuned float student like the searched choice, score it on
+        that slice, time it interleaved with fp32 and the choice, and keep it when it is the fastest model
+        within budget (or the only one closer to it)."""
         from ..methods import get_method
         from ..models.builders import build_student, build_teacher
-        from ..qat import convert_qat, export_qat, prepare_qat, qat_method
+        from ..qat import prepare_qat, qat_method, requantize
         from ..training.loop import TrainOptions, train
 
         cfg, q, d = ctx.cfg, ctx.cfg.quantize, ctx.cfg.data
         data = ctx.data(need_train=True)
-        _, eval_idx = held_out_split(data.train.labels, max(q.search_calib_samples), q.search_samples, cfg.seed)
+        calib_idx, eval_idx = held_out_split(data.train.labels, max(q.search_calib_samples), q.search_samples,
+                                             cfg.seed)
         rest = np.setdiff1d(np.arange(len(data.train.labels)), eval_idx)
         held_out = Split(images=data.train.images[eval_idx], labels=data.train.labels[eval_idx])
         # the trainer's per-epoch "test" accuracy is the held-out training slice: the test split stays unseen
@@ -86,36 +109,47 @@ class QuantizeStage(Stage):
         student = build_student(cfg, data.num_classes, weights=ctx.output("distill", "weights"))
         teachers = ([build_teacher(cfg, data.num_classes, weights=ctx.output("teacher", "weights"))]
                     if method_cls.needs_teacher(options) else [])
-        prepared = prepare_qat(student, d.input_size)
+        prepared = prepare_qat(student, d.input_size, per_channel=q.qat.per_channel)
         method, used = qat_method(method_cls, options, student, prepared, teachers, num_classes=data.num_classes,
                                   input_size=d.input_size)
         print(f"[quantize] no candidate within budget: quantization-aware distillation ({used}), "
               f"{q.qat.epochs} epochs" if not info["within_budget"] else
               f"[quantize] quantization-aware distillation ({used}, quantize.qat.always), {q.qat.epochs} epochs")
         result = train(ctx.accelerator, method, source, data_cfg=d, schedule=q.qat, seed=cfg.seed,
-                       out_dir=stage_dir / "qat", key=self.cache_key(ctx), desc=f"qat:{used}",
+                       out_dir=stage_dir / "qat", key=self._qat_key(ctx), desc=f"qat:{used}",
                        options=TrainOptions(), section="quantize.qat")
-        x = preprocess(held_out.images, mean=d.mean, std=d.std, input_size=d.input_size)
-        qat_path = stage_dir / "qat" / "student.qat.onnx"
-        export_qat(convert_qat(prepared), qat_path, fp32_path=ctx.output("export", "student"),
-                   input_size=d.input_size, opset=cfg.export.opset, parity_inputs=x[:256],
-                   threads=self._threads(ctx), settings={"epochs": q.qat.epochs, "lr": q.qat.lr, "loss": used})
+        # the prepared graph trained the student's own tensors: keep them, and quantize them as the choice was
+        _io.save_torch(student.state_dict(), stage_dir / "qat" / "student.pt")
+        chosen = next(r for r in info["rows"] if r["name"] == info["chosen"])
+        prep = {"mean": d.mean, "std": d.std, "input_size": d.input_size}
+        qat_path = stage_dir / "qat" / "student.qat.int8.onnx"
+        requantize(student, qat_path, fp32_path=ctx.output("export", "student"),
+                   calib=preprocess(data.train.images[calib_idx[:chosen["calib_samples"]]], **prep),
+                   settings={**chosen, "per_channel": q.qat.per_channel}, input_size=d.input_size,
+                   qat={"epochs": q.qat.epochs, "lr": q.qat.lr, "loss": used, "per_channel": q.qat.per_channel},
+                   opset=cfg.export.opset, calib_batch_size=q.calib_batch_size, threads=self._threads(ctx))
+        x = preprocess(held_out.images, **prep)
         top1 = accuracy(run_batched(make_session(qat_path, threads=self._threads(ctx)), x, 128), held_out.labels)["top1"]
         timed = measure_latency_many([ctx.output("export", "student"), out, qat_path], input_sizes=[d.input_size] * 3,
                                      batch_sizes=ctx.cfg.validate.batch_sizes, runs=q.search_runs, rounds=6,
                                      threads=self._threads(ctx))
         p50 = [{bs: t["latency_ms"][bs]["p50"] for bs in t["latency_ms"]} for t in timed]
-        row = {"name": f"qat-{used}-{q.qat.epochs}ep", "qat_epochs": q.qat.epochs, "loss": used, "top1": top1,
-               "drop_pt": 100 * (info["fp32_top1"] - top1), "latency_ms": p50[2],
+        epochs = _io.read_jsonl(stage_dir / "qat" / "metrics.jsonl")
+        name = f"qat-{used}-{q.qat.epochs}ep" + ("" if q.qat.per_channel else "-pt")
+        row = {"name": name, "qat_epochs": q.qat.epochs, "loss": used, "per_channel": q.qat.per_channel,
+               "calibrate_method": chosen["calibrate_method"], "calib_samples": chosen["calib_samples"],
+               "top1": top1, "drop_pt": 100 * (info["fp32_top1"] - top1), "latency_ms": p50[2],
                "latency_ratio": float(np.mean([p50[2][bs] / p50[0][bs] for bs in p50[0]])),
                # the searched choice, timed again in this run: the ratio QAT vs PTQ that is fair
                "ptq_choice_latency_ratio": float(np.mean([p50[1][bs] / p50[0][bs] for bs in p50[0]])),
-               "train_seconds": round(result.seconds, 1), "bytes": qat_path.stat().st_size}
-        print(f"[quantize] {row['name']}: top-1 {100 * top1:.2f}% (fp32 {100 * info['fp32_top1']:.2f}%), "
-              f"{row['latency_ratio']:.2f}x fp32 time")
-        chosen = next(r for r in info["rows"] if r["name"] == info["chosen"])
+               # the fine-tune's cost over all the calls that trained it (a reused one costs nothing now)
+               "train_seconds": round(sum(e["epoch_seconds"] for e in epochs), 1),
+               "resumed_from_epoch": result.resumed_from_epoch, "bytes": qat_path.stat().st_size}
+        print(f"[quantize] {name}: top-1 {100 * top1:.2f}% (fp32 {100 * info['fp32_top1']:.2f}%), "
+              f"{row['latency_ratio']:.2f}x fp32 time ({chosen['name']}: {row['ptq_choice_latency_ratio']:.2f}x)")
         best = pick([{**chosen, "latency_ratio": row["ptq_choice_latency_ratio"]}, row], q.max_drop)
         if best == 1 or (best is None and top1 > chosen["top1"]):
-            shutil.copyfile(qat_path, out)
-            info.update(chosen=row["name"], within_budget=best is not None)
+            with _io.atomic_path(out) as dst:
+                shutil.copyfile(qat_path, dst)
+            info.update(chosen=name, within_budget=best is not None)
         info["rows"].append(row)
