@@ -81,7 +81,7 @@ def main() -> None:
           f"{view_top1}), budget {args.max_drop} pts, {args.threads} thread(s); test split: {len(data.test.labels)} "
           f"images, fp32 top-1 {100 * (f_test.argmax(1) == data.test.labels).mean():.2f}%")
     print("| candidate | held-out drop | estimate (image + views) | bound (decides) | test drop [95% CI] | "
-          "test disagreement | bound's verdict on test | latency / fp32 [round range] |")
+          "test disagreement | bound's verdict on test | latency / fp32 [per-round IQR] |")
     for r in sorted(search["rows"], key=lambda r: r["latency_ratio"]):
         t = on_test[r["name"]]
         half = (t["drop_ucb_pt"] - t["drop_pt"]) / Z_95 * 1.96

@@ -98,7 +98,8 @@ def search_markdown(search: dict[str, Any]) -> list[str]:
              f"training images (not the test split, not the calibration images)"
              + (f" and {search['views']} unseen views of each (fp32 {100 * search['fp32_view_top1']:.2f}% on the "
                 "views); a candidate fits when the 95% upper bound of its drop there is within the budget, and "
-                "among candidates not measurably slower than the fastest (per-round ratios overlap) the lowest "
+                "among candidates not measurably slower than the fastest (interquartile ranges of per-round ratios "
+                "overlap) the lowest "
                 "bound is kept" if search.get("views") else "")
              + f". Latency: p50 relative to fp32, mean over batch sizes, {search['threads']} thread(s), candidates "
              f"and fp32 interleaved in {search['rounds']} rounds of {search['runs']} runs in all per batch size.", "",

@@ -15,7 +15,8 @@ split. Three measured answers (``benchmarks/quantize_search.py``; numbers in doc
   how often INT8 and fp32 disagree, so of two candidates that both "drop 0.0" the one flipping more
   predictions (and so more likely to lose points on new images) scores worse;
 * **latency ties** (:func:`pick`): a candidate whose per-round latency ratios overlap the fastest
-  one's is not measurably slower on a loaded machine, so among those the lowest bound wins.
+  one's (interquartile ranges over the interleaved rounds) is not measurably slower on a loaded
+  machine, so among those the lowest bound wins.
 """
 from __future__ import annotations
 
@@ -81,9 +82,10 @@ def pick(rows: Sequence[dict[str, Any]], max_drop: float, score: str = "drop_pt"
     """Index of the row to keep: among rows whose ``score`` is within ``max_drop``, the fastest (lowest
     ``latency_ratio``) and every row tied with it, then the lowest ``score`` among those (then the
     lowest ratio). The search decides on ``drop_ucb_pt``; rows scored only on the plain held-out
-    slice (a quantization-aware distilled student) carry ``drop_pt``. A row is tied when the range of its per-round ratios (``latency_ratio_range``,
-    [min, max]) overlaps the fastest row's range; rows without ranges tie only on equal ratios.
-    ``None`` when no row fits."""
+    slice (a quantization-aware distilled student) carry ``drop_pt``. A row is tied when the range of
+    its per-round ratios (``latency_ratio_range``, [low, high]; the search uses their interquartile
+    range) overlaps the fastest row's range; rows without ranges tie only on equal ratios. ``None``
+    when no row fits."""
     fits = [i for i, r in enumerate(rows) if r[score] <= max_drop]
     if not fits:
         return None

@@ -13,7 +13,8 @@ instead of one default, candidates are built, scored and timed like Olive's auto
 * **latency** with explicit threads, all candidates and fp32 interleaved in rounds
   (:func:`~distill2deploy.deploy.latency.measure_latency_many`), so load on a shared machine hits
   them alike; "fastest" is the mean over batch sizes of p50 latency relative to fp32, and
-  candidates whose per-round ratios overlap the fastest one's are tied: the lowest bound wins;
+  candidates whose per-round ratios (their interquartile ranges) overlap the fastest one's are tied:
+  the lowest bound wins;
 * **nodes kept in float** are chosen with onnxruntime's QDQ debugging tools
   (``qdq_loss_debug``): the activations with the lowest signal-to-quantization-noise ratio in the
   most accurate plain candidate stay float (their producer and consumer nodes are excluded).
@@ -219,8 +220,9 @@ def search_int8(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[s
         for row, lat, t in zip(rows, p50[1:], timed[1:]):
             row["latency_ms"] = lat
             row["latency_ratio"] = float(np.mean([lat[bs] / p50[0][bs] for bs in lat]))
-            per_round = round_ratios(t["latency_ms"], timed[0]["latency_ms"])
-            row["latency_ratio_range"] = [min(per_round), max(per_round)]
+            row["latency_ratio_rounds"] = round_ratios(t["latency_ms"], timed[0]["latency_ms"])
+            # the middle half of the rounds: one preempted round must not make a candidate tie with everything
+            row["latency_ratio_range"] = [float(v) for v in np.percentile(row["latency_ratio_rounds"], [25, 75])]
         chosen = pick(rows, max_drop, score="drop_ucb_pt")
         written = chosen if chosen is not None else min(range(len(rows)), key=lambda i: rows[i]["drop_ucb_pt"])
         with atomic_path(out_path) as dst:
