@@ -104,8 +104,8 @@ def search_markdown(search: dict[str, Any]) -> list[str]:
              + f". Latency: p50 relative to fp32, mean over batch sizes, {search['threads']} thread(s), candidates "
              f"and fp32 interleaved in {search['rounds']} rounds of {search['runs']} runs in all per batch size.", "",
              *([f"**Warning**: {search['warning']}.", ""] if search.get("warning") else []),
-             "| candidate | held-out top-1 | drop (pts) | drop with views (pts) | 95% bound (pts) | latency / fp32 | "
-             "kept in float |", "|---|---|---|---|---|---|---|"]
+             ("| candidate | held-out top-1 | drop (pts) | drop with views (pts) | 95% bound (pts) | latency / fp32 | "
+              "kept in float |"), "|---|---|---|---|---|---|---|"]
     for r in sorted(search["rows"], key=lambda r: r["latency_ratio"]):
         mark = " (kept)" if r["name"] == search["chosen"] else ""
         floats = len(r.get("nodes_to_exclude", [])) or ("-" if "qat_epochs" not in r else "QAT")

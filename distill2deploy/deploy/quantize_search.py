@@ -229,7 +229,7 @@ def search_int8(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[s
             shutil.copyfile(paths[written], dst)
     return {
         "max_drop_pt": float(max_drop), "eval_samples": int(len(eval_labels)), "fp32_top1": fp32_top1,
-        "views": int(views), "fp32_view_top1": fp32_view_top1, "score": "drop_ucb_pt",
+        "views": views, "fp32_view_top1": fp32_view_top1, "score": "drop_ucb_pt",
         "fp32_latency_ms": p50[0], "threads": int(threads), "runs": int(runs), "rounds": int(rounds),
         "rows": rows, "worst_sqnr": sqnr, "warning": warning,
         "chosen": rows[written]["name"], "within_budget": chosen is not None,
