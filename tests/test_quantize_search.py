@@ -217,8 +217,13 @@ def test_search_warns_when_the_model_has_memorised_the_held_out_images(exported,
     info = search_int8(exported[0], tmp_path / "best.onnx", calib_pool=x[:64], eval_inputs=x[64:], eval_labels=y,
                        candidates=candidate_grid(["minmax"], [32])[:1], threads=1, batch_sizes=[1], runs=2,
                        rounds=1, input_size=x.shape[-1], progress=False)
-    assert info["fp32_top1"] == 1.0 and "memorised" in info["warning"]
+    assert info["fp32_top1"] == 1.0 and "memorised" in info["warning"] and "search_views" in info["warning"]
     assert "memorised" in "\n".join(search_markdown(info))
+    views = np.concatenate([x[64:] - 3, x[64:] * 5])  # 2 "views" it gets wrong: the drops there are informative
+    info = search_int8(exported[0], tmp_path / "best.onnx", calib_pool=x[:64], eval_inputs=x[64:], eval_labels=y,
+                       view_inputs=views, candidates=candidate_grid(["minmax"], [32])[:1], threads=1,
+                       batch_sizes=[1], runs=2, rounds=1, input_size=x.shape[-1], progress=False)
+    assert info["fp32_top1"] == 1.0 and info["fp32_view_top1"] < 0.995 and info["warning"] is None
 
 
 def test_search_refuses_flags_it_would_ignore(tmp_path) -> None:
