@@ -100,6 +100,9 @@ def test_unseen_views_are_seeded_and_leave_the_random_state_alone():
     assert np.array_equal(v, unseen_views(images, 3, seed=1)) and not np.array_equal(v, unseen_views(images, 3, seed=2))
     assert not np.array_equal(v[:6], v[6:12])  # each view draws its own parameters
     assert len(unseen_views(images, 0, seed=1)) == 0
+    from torchvision.transforms import v2  # another kind of view, for the benchmark comparing them
+
+    assert np.array_equal(unseen_views(images, 1, seed=0, transform=v2.RandomHorizontalFlip(p=1.0)), images[:, :, ::-1])
 
 
 def test_held_out_slice_is_training_data_disjoint_from_calibration():

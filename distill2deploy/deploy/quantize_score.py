@@ -20,7 +20,7 @@ split. Three measured answers (``benchmarks/quantize_search.py``; numbers in doc
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,10 +29,12 @@ import numpy as np
 Z_95 = 1.645
 
 
-def unseen_views(images: np.ndarray, views: int, seed: int) -> np.ndarray:
+def unseen_views(images: np.ndarray, views: int, seed: int,
+                 transform: Callable[[Any], Any] | None = None) -> np.ndarray:
     """``views`` augmented copies of uint8 NHWC ``images``, view-major (``views * len(images)``, same
     shape per image): horizontal flip then TrivialAugmentWide (one random photometric or geometric op
-    of random strength). Seeded through a forked torch RNG, so the same call gives the same bytes and
+    of random strength), or ``transform`` (a torchvision v2 transform on uint8 CHW tensors, for
+    comparing others). Seeded through a forked torch RNG, so the same call gives the same bytes and
     the caller's random state is left as it was."""
     import torch
     from torchvision.transforms import v2
@@ -40,7 +42,7 @@ def unseen_views(images: np.ndarray, views: int, seed: int) -> np.ndarray:
     x = np.asarray(images)
     if views < 1 or len(x) == 0:
         return x[:0]
-    tf = v2.Compose([v2.RandomHorizontalFlip(), v2.TrivialAugmentWide()])
+    tf = transform or v2.Compose([v2.RandomHorizontalFlip(), v2.TrivialAugmentWide()])
     chw = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))

@@ -17,7 +17,7 @@ instead of one default, candidates are built, scored and timed like Olive's auto
   the lowest bound wins;
 * **nodes kept in float** are chosen with onnxruntime's QDQ debugging tools
   (``qdq_loss_debug``): the activations with the lowest signal-to-quantization-noise ratio in the
-  most accurate plain candidate stay float (their producer and consumer nodes are excluded).
+  best-scoring plain per-channel candidate stay float (their producer and consumer nodes are excluded).
 
 Activation type ``int8`` (S8S8) is not searched by default: on x86 onnxruntime's int8 kernels are
 U8S8 (VNNI multiplies unsigned by signed bytes) and S8S8 ran 1.3-2.3x *slower* than fp32 on
@@ -131,7 +131,7 @@ def search_int8(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[s
                 calib_batch_size: int = 32, input_size: int, progress: bool = True,
                 on_candidate: Callable[[dict[str, Any], Path], None] | None = None) -> dict[str, Any]:
     """Quantize ``fp32_path`` with every candidate, score and time them, and write the fastest one within
-    ``max_drop`` top-1 points of fp32 (on ``eval_inputs``) to ``out_path``.
+    ``max_drop`` top-1 points of fp32 (95% bound on ``eval_inputs`` and ``view_inputs``) to ``out_path``.
 
     ``calib_pool`` holds the calibration images (the first ``calib_samples`` are used by each
     candidate); ``view_inputs`` holds k views of each ``eval_inputs`` image, view-major
@@ -140,12 +140,13 @@ def search_int8(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[s
     plain slice's. Each ``float_activations`` entry adds a variant of the best-scoring per-channel
     candidate with that many worst-SQNR activations in float. ``on_candidate(row, path)`` sees each
     candidate's file while it exists (the benchmark scores it on the test split; the search never
-    does). When nothing fits, the candidate with the
-    lowest bound is written and ``within_budget`` is false (the caller may then train with fake
-    quantization instead). Returns the table of every candidate (``rows``) and the choice.
+    does). When nothing fits, the candidate with the lowest bound is written and ``within_budget`` is
+    false (the caller may then train with fake quantization instead). Returns the table of every candidate (``rows``) and the choice.
     """
     if threads is None or int(threads) < 1:
         raise ValueError("the search times candidates with an explicit thread count")
+    if view_inputs is not None and len(view_inputs) % len(eval_labels):
+        raise ValueError(f"{len(view_inputs)} view inputs are not whole views of {len(eval_labels)} images")
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     rows: list[dict[str, Any]] = []
     with scratch_dir(out_path, "search") as tmp:
