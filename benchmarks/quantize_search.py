@@ -86,7 +86,8 @@ def main() -> None:
         t = on_test[r["name"]]
         half = (t["drop_ucb_pt"] - t["drop_pt"]) / Z_95 * 1.96
         fits, holds = r["drop_ucb_pt"] <= args.max_drop, t["drop_pt"] <= args.max_drop
-        verdict = ("fits, holds" if holds else "fits, FAILS") if fits else ("rejected" if not holds else "rejected (fits on test)")
+        verdict = (("fits, holds" if holds else "fits, FAILS") if fits
+                   else ("rejected" if not holds else "rejected (fits on test)"))
         lo, hi = r["latency_ratio_range"]
         mark = " (kept)" if r["name"] == search["chosen"] else ""
         print(f"| {r['name']}{mark} | {r['drop_pt']:+.2f} | {r['est_drop_pt']:+.2f} | {r['drop_ucb_pt']:+.2f} | "

@@ -141,7 +141,8 @@ def search_int8(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[s
     candidate with that many worst-SQNR activations in float. ``on_candidate(row, path)`` sees each
     candidate's file while it exists (the benchmark scores it on the test split; the search never
     does). When nothing fits, the candidate with the lowest bound is written and ``within_budget`` is
-    false (the caller may then train with fake quantization instead). Returns the table of every candidate (``rows``) and the choice.
+    false (the caller may then train with fake quantization instead). Returns the table of every
+    candidate (``rows``) and the choice.
     """
     if threads is None or int(threads) < 1:
         raise ValueError("the search times candidates with an explicit thread count")
