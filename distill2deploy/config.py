@@ -163,7 +163,7 @@ class QuantizeConfig:
     search: bool = doc(False, "search the INT8 variants below on held-out training images and keep the fastest "
                        "within max_drop of fp32 (the settings above are then ignored; CLI: quantize --search)")
     max_drop: float = doc(1.0, "search budget: top-1 points the INT8 model may lose against fp32 on the held-out "
-                          "training images (CLI: --max-drop)", ge=0)
+                          "training images and their views (95% upper bound; CLI: --max-drop)", ge=0)
     search_samples: int = doc(1000, "held-out training images (never the test split, never the calibration "
                               "images) that score the candidates; at most half the training images", ge=1)
     search_methods: list[Literal["minmax", "entropy", "percentile"]] = doc(
@@ -174,8 +174,11 @@ class QuantizeConfig:
         ["uint8"], "activation types searched; int8 (S8S8) is left out by default: it ran 1.3-2.3x slower than "
         "fp32 on x86 (onnxruntime's fast int8 kernels are U8S8)")
     search_float_activations: list[int] = doc(
-        [4], "for each k, a candidate keeping the k activations of the most accurate per-channel candidate with "
+        [4], "for each k, a candidate keeping the k activations of the best-scoring per-channel candidate with "
         "the lowest SQNR (onnxruntime qdq_loss_debug) in float", ge=1)
+    search_views: int = doc(4, "seeded TrivialAugmentWide views of each held-out image scored with it, so a "
+                            "model that memorised its training images still shows what INT8 costs on new ones; "
+                            "a candidate fits when the 95% upper bound of its drop is within max_drop", ge=0)
     search_runs: int = doc(60, "timed runs per candidate and batch size (validate.batch_sizes, interleaved in 6 "
                            "rounds, threads: validate.threads or threads)", ge=1)
     qat: QATConfig = doc(QATConfig(), "quantization-aware distillation (fallback of the search)")

@@ -48,6 +48,63 @@ def test_pick_takes_the_fastest_within_budget():
     assert pick([{"drop_pt": 2.0, "latency_ratio": 0.5}], 1.0) is None
 
 
+def test_pick_treats_latency_within_round_noise_as_a_tie():
+    """Candidates whose per-round latency ratios overlap the fastest one's are not measurably slower:
+    the lowest bound among them is kept, not whichever the load happened to favour."""
+    rows = [{"drop_ucb_pt": 0.9, "latency_ratio": 0.50, "latency_ratio_range": [0.45, 0.60]},  # fastest
+            {"drop_ucb_pt": 0.2, "latency_ratio": 0.55, "latency_ratio_range": [0.52, 0.70]},  # tied, safer
+            {"drop_ucb_pt": 0.0, "latency_ratio": 0.80, "latency_ratio_range": [0.75, 0.85]},  # measurably slower
+            {"drop_ucb_pt": 1.5, "latency_ratio": 0.30, "latency_ratio_range": [0.25, 0.35]}]  # over budget
+    assert pick(rows, 1.0, score="drop_ucb_pt") == 1
+    rows[1]["latency_ratio_range"] = [0.62, 0.70]  # no overlap: the faster one stands
+    assert pick(rows, 1.0, score="drop_ucb_pt") == 0
+    assert pick(rows, 0.1, score="drop_ucb_pt") == 2
+
+
+def test_paired_drop_bound_grows_with_disagreement():
+    """Two candidates with no net drop: the one that flips more predictions gets the higher bound; the
+    standard error is over images, not over views of the same image."""
+    from distill2deploy.deploy.quantize_score import paired_drop
+
+    labels = np.arange(100) % 10
+    onehot = np.eye(10, dtype=np.float32)
+    fp32 = onehot[labels]
+    few, many = labels.copy(), labels.copy()
+    few[:2] = (few[:2] + 1) % 10          # 2 right -> wrong
+    many[:10] = (many[:10] + 1) % 10      # 10 right -> wrong ...
+    fp32_wrong = fp32.copy()
+    fp32_wrong[10:18] = onehot[(labels[10:18] + 1) % 10]  # ... and 8 wrong in fp32 that INT8 gets right
+    a, b = paired_drop(fp32, onehot[few], labels), paired_drop(fp32_wrong, onehot[many], labels)
+    assert a["drop_pt"] == pytest.approx(2.0) and b["drop_pt"] == pytest.approx(2.0)
+    assert a["disagreement"] == pytest.approx(0.02) and b["disagreement"] == pytest.approx(0.18)
+    assert a["drop_pt"] < a["drop_ucb_pt"] < b["drop_ucb_pt"]
+    # flips in rows 0 and 50: two images, or one image seen twice (2 views of 50): a wider bound
+    twice = labels.copy()
+    twice[[0, 50]] = (twice[[0, 50]] + 1) % 10
+    assert paired_drop(fp32, onehot[twice], labels[:50])["drop_ucb_pt"] > 1.2 * paired_drop(
+        fp32, onehot[twice], labels)["drop_ucb_pt"]
+    with pytest.raises(ValueError, match="whole views"):
+        paired_drop(fp32, onehot[few], labels[:30])
+
+
+def test_unseen_views_are_seeded_and_leave_the_random_state_alone():
+    import torch
+
+    from distill2deploy.deploy.quantize_score import unseen_views
+
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    state = torch.random.get_rng_state()
+    v = unseen_views(images, 3, seed=1)
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert v.shape == (18, 32, 32, 3) and v.dtype == np.uint8
+    assert np.array_equal(v, unseen_views(images, 3, seed=1)) and not np.array_equal(v, unseen_views(images, 3, seed=2))
+    assert not np.array_equal(v[:6], v[6:12])  # each view draws its own parameters
+    assert len(unseen_views(images, 0, seed=1)) == 0
+    from torchvision.transforms import v2  # another kind of view, for the benchmark comparing them
+
+    assert np.array_equal(unseen_views(images, 1, seed=0, transform=v2.RandomHorizontalFlip(p=1.0)), images[:, :, ::-1])
+
+
 def test_held_out_slice_is_training_data_disjoint_from_calibration():
     labels = np.repeat(np.arange(10), 30)  # 300 training images, balanced
     calib, held = held_out_split(labels, 128, 100, seed=0)
@@ -69,13 +126,19 @@ def test_search_keeps_a_candidate_and_reports_every_one(exported, tmp_path):  # 
     x, y = _inputs(96, seed=5), rng.integers(0, 10, 96)
     out = tmp_path / "best.onnx"
     info = search_int8(exported[0], out, calib_pool=x[:64], eval_inputs=x[64:], eval_labels=y[64:],
+                       view_inputs=_inputs(64, seed=9),  # 2 "views" of each of the 32 held-out images
                        # 40 fits to the same whole batch of 32: built, scored and timed once
                        candidates=candidate_grid(["minmax"], [32, 40]), float_activations=[1], max_drop=100.0,
                        threads=1, batch_sizes=[1], runs=4, rounds=2, input_size=x.shape[-1], progress=False)
     names = [r["name"] for r in info["rows"]]
     assert names == ["pc-minmax-32-u8", "pt-minmax-32-u8", "pc-minmax-32-u8-float1"]
     assert info["rows"][2]["nodes_to_exclude"] and len(info["worst_sqnr"]) == 1
-    assert info["within_budget"] and info["chosen"] == min(info["rows"], key=lambda r: r["latency_ratio"])["name"]
+    assert info["within_budget"] and info["views"] == 2 and info["score"] == "drop_ucb_pt"
+    assert all(r["drop_ucb_pt"] >= r["est_drop_pt"] and r["latency_ratio_range"][0] <= r["latency_ratio_range"][1]
+               for r in info["rows"])
+    assert info["chosen"] == info["rows"][pick(info["rows"], 100.0, score="drop_ucb_pt")]["name"]
+    md = "\n".join(search_markdown(info))  # the report shows the score the search decided on
+    assert "2 unseen views" in md and all(f"{r['drop_ucb_pt']:+.2f}" in md for r in info["rows"])
     assert out.is_file() and all(r["latency_ratio"] > 0 for r in info["rows"])
     assert not list(tmp_path.glob(".*"))  # scratch files removed
     assert info["warning"] is None  # random labels: fp32 is far from memorising them
@@ -157,8 +220,13 @@ def test_search_warns_when_the_model_has_memorised_the_held_out_images(exported,
     info = search_int8(exported[0], tmp_path / "best.onnx", calib_pool=x[:64], eval_inputs=x[64:], eval_labels=y,
                        candidates=candidate_grid(["minmax"], [32])[:1], threads=1, batch_sizes=[1], runs=2,
                        rounds=1, input_size=x.shape[-1], progress=False)
-    assert info["fp32_top1"] == 1.0 and "memorised" in info["warning"]
+    assert info["fp32_top1"] == 1.0 and "memorised" in info["warning"] and "search_views" in info["warning"]
     assert "memorised" in "\n".join(search_markdown(info))
+    views = np.concatenate([x[64:] - 3, x[64:] * 5])  # 2 "views" it gets wrong: the drops there are informative
+    info = search_int8(exported[0], tmp_path / "best.onnx", calib_pool=x[:64], eval_inputs=x[64:], eval_labels=y,
+                       view_inputs=views, candidates=candidate_grid(["minmax"], [32])[:1], threads=1,
+                       batch_sizes=[1], runs=2, rounds=1, input_size=x.shape[-1], progress=False)
+    assert info["fp32_top1"] == 1.0 and info["fp32_view_top1"] < 0.995 and info["warning"] is None
 
 
 def test_search_refuses_flags_it_would_ignore(tmp_path) -> None:

@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("--calibrate-method", choices=["minmax", "entropy", "percentile"], default=q.calibrate_method)
     p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
     p.add_argument("--search", action="store_true", help="search calibration, weight granularity and float nodes "
-                   "on held-out training images; keep the fastest within --max-drop (config: quantize.search)")
+                   "on held-out training images and quantize.search_views unseen views of each; keep the fastest whose 95%% "
+                   "bound of the drop is within --max-drop (config: quantize.search)")
     p.add_argument("--max-drop", type=float, default=None, metavar="POINTS",
                    help=f"with --search: top-1 points the INT8 model may lose against fp32 (default {q.max_drop})")
     p.set_defaults(handler=run)

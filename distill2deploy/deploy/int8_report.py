@@ -95,14 +95,21 @@ def search_markdown(search: dict[str, Any]) -> list[str]:
     lines = ["## INT8 search", "",
              f"Kept `{search['chosen']}`, the fastest candidate {verdict} the budget of {search['max_drop_pt']:g} "
              f"top-1 points against fp32 ({100 * search['fp32_top1']:.2f}%) on {search['eval_samples']} held-out "
-             f"training images (not the test split, not the calibration images). Latency: p50 relative to fp32, "
-             f"mean over batch sizes, {search['threads']} thread(s), candidates and fp32 interleaved in "
-             f"{search['rounds']} rounds of {search['runs']} runs in all per batch size.", "",
+             f"training images (not the test split, not the calibration images)"
+             + (f" and {search['views']} unseen views of each (fp32 {100 * search['fp32_view_top1']:.2f}% on the "
+                "views); a candidate fits when the 95% upper bound of its drop there is within the budget, and "
+                "among candidates not measurably slower than the fastest (interquartile ranges of per-round ratios "
+                "overlap) the lowest "
+                "bound is kept" if search.get("views") else "")
+             + f". Latency: p50 relative to fp32, mean over batch sizes, {search['threads']} thread(s), candidates "
+             f"and fp32 interleaved in {search['rounds']} rounds of {search['runs']} runs in all per batch size.", "",
              *([f"**Warning**: {search['warning']}.", ""] if search.get("warning") else []),
-             "| candidate | held-out top-1 | drop (pts) | latency / fp32 | kept in float |", "|---|---|---|---|---|"]
+             ("| candidate | held-out top-1 | drop (pts) | drop with views (pts) | 95% bound (pts) | latency / fp32 | "
+              "kept in float |"), "|---|---|---|---|---|---|---|"]
     for r in sorted(search["rows"], key=lambda r: r["latency_ratio"]):
         mark = " (kept)" if r["name"] == search["chosen"] else ""
         floats = len(r.get("nodes_to_exclude", [])) or ("-" if "qat_epochs" not in r else "QAT")
-        lines.append(f"| `{r['name']}`{mark} | {100 * r['top1']:.2f}% | {r['drop_pt']:+.2f} | "
+        est, ucb = (f"{r[k]:+.2f}" if k in r else "-" for k in ("est_drop_pt", "drop_ucb_pt"))
+        lines.append(f"| `{r['name']}`{mark} | {100 * r['top1']:.2f}% | {r['drop_pt']:+.2f} | {est} | {ucb} | "
                      f"{r['latency_ratio']:.2f} | {floats} |")
     return [*lines, "", "![INT8 search](quantize_search.png)", ""]

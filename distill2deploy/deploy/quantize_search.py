@@ -5,14 +5,19 @@ weights were 5-7% faster at batch 1 for the depthwise-heavy students at no accur
 ResNet-56 0.5 pt; percentile calibration gave ShuffleNetV2 1-2 points more INT8/fp32 agreement), so
 instead of one default, candidates are built, scored and timed like Olive's auto-optimizer does:
 
-* **accuracy** on a held-out slice of the *training* data (:func:`held_out_split`): the test split
-  stays untouched for validate, and the slice never overlaps the calibration images;
+* **accuracy** on a held-out slice of the *training* data (:func:`held_out_split`) and on seeded
+  "unseen views" of it (:mod:`.quantize_score`): the test split stays untouched for validate, and
+  the slice never overlaps the calibration images. A candidate fits when the one-sided 95% upper
+  bound of its paired drop (``drop_ucb_pt``) is within the budget: a network that memorised its
+  training images shows no drop on them at all, the views and the bound do;
 * **latency** with explicit threads, all candidates and fp32 interleaved in rounds
   (:func:`~distill2deploy.deploy.latency.measure_latency_many`), so load on a shared machine hits
-  them alike; "fastest" is the mean over batch sizes of p50 latency relative to fp32;
+  them alike; "fastest" is the mean over batch sizes of p50 latency relative to fp32, and
+  candidates whose per-round ratios (their interquartile ranges) overlap the fastest one's are tied:
+  the lowest bound wins;
 * **nodes kept in float** are chosen with onnxruntime's QDQ debugging tools
   (``qdq_loss_debug``): the activations with the lowest signal-to-quantization-noise ratio in the
-  most accurate plain candidate stay float (their producer and consumer nodes are excluded).
+  best-scoring plain per-channel candidate stay float (their producer and consumer nodes are excluded).
 
 Activation type ``int8`` (S8S8) is not searched by default: on x86 onnxruntime's int8 kernels are
 U8S8 (VNNI multiplies unsigned by signed bytes) and S8S8 ran 1.3-2.3x *slower* than fp32 on
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +41,7 @@ from ..errors import UserError
 from .evaluate import accuracy, agreement, make_session, run_batched
 from .latency import measure_latency_many
 from .quantize import quantize_int8
+from .quantize_score import paired_drop, pick, round_ratios, unseen_views
 
 
 #: fp32 top-1 on the held-out training slice from which its drops say little (see search_int8)
@@ -86,13 +92,6 @@ def held_out_split(labels: np.ndarray, calib_samples: int, eval_samples: int, se
     return calib_idx, eval_idx
 
 
-def pick(rows: Sequence[dict[str, Any]], max_drop: float) -> int | None:
-    """Index of the fastest row (lowest ``latency_ratio``) whose ``drop_pt`` is within ``max_drop``;
-    ties go to the smaller drop. ``None`` when no row fits."""
-    fits = [i for i, r in enumerate(rows) if r["drop_pt"] <= max_drop]
-    return min(fits, key=lambda i: (rows[i]["latency_ratio"], rows[i]["drop_pt"])) if fits else None
-
-
 def worst_sqnr_nodes(float_path: Path, qdq_path: Path, inputs: np.ndarray, k: int, work: Path
                      ) -> tuple[list[str], list[dict[str, Any]]]:
     """Node names to exclude so that the ``k`` activations of ``qdq_path`` with the lowest local SQNR
@@ -126,32 +125,49 @@ def worst_sqnr_nodes(float_path: Path, qdq_path: Path, inputs: np.ndarray, k: in
 
 def search_int8(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *, calib_pool: np.ndarray,
                 eval_inputs: np.ndarray, eval_labels: np.ndarray, candidates: Sequence[Candidate],
+                view_inputs: np.ndarray | None = None,
                 float_activations: Sequence[int] = (), max_drop: float = 1.0, threads: int,
                 batch_sizes: Sequence[int] = (1, 64), runs: int = 60, rounds: int = 6,
-                calib_batch_size: int = 32, input_size: int, progress: bool = True) -> dict[str, Any]:
+                calib_batch_size: int = 32, input_size: int, progress: bool = True,
+                on_candidate: Callable[[dict[str, Any], Path], None] | None = None) -> dict[str, Any]:
     """Quantize ``fp32_path`` with every candidate, score and time them, and write the fastest one within
-    ``max_drop`` top-1 points of fp32 (on ``eval_inputs``) to ``out_path``.
+    ``max_drop`` top-1 points of fp32 (95% bound on ``eval_inputs`` and ``view_inputs``) to ``out_path``.
 
     ``calib_pool`` holds the calibration images (the first ``calib_samples`` are used by each
-    candidate); each ``float_activations`` entry adds a variant of the most accurate per-channel
-    candidate with that many worst-SQNR activations in float. When nothing fits, the most accurate
-    candidate is written and ``within_budget`` is false (the caller may then train with fake
-    quantization instead). Returns the table of every candidate (``rows``) and the choice.
+    candidate); ``view_inputs`` holds k views of each ``eval_inputs`` image, view-major
+    (:func:`~.quantize_score.unseen_views`): candidates are scored on both, and fit when the upper
+    bound of their drop (``drop_ucb_pt``) is within ``max_drop``; ``drop_pt`` and ``top1`` stay the
+    plain slice's. Each ``float_activations`` entry adds a variant of the best-scoring per-channel
+    candidate with that many worst-SQNR activations in float. ``on_candidate(row, path)`` sees each
+    candidate's file while it exists (the benchmark scores it on the test split; the search never
+    does). When nothing fits, the candidate with the lowest bound is written and ``within_budget`` is
+    false (the caller may then train with fake quantization instead). Returns the table of every
+    candidate (``rows``) and the choice.
     """
     if threads is None or int(threads) < 1:
         raise ValueError("the search times candidates with an explicit thread count")
+    if view_inputs is not None and len(view_inputs) % len(eval_labels):
+        raise ValueError(f"{len(view_inputs)} view inputs are not whole views of {len(eval_labels)} images")
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     rows: list[dict[str, Any]] = []
     with scratch_dir(out_path, "search") as tmp:
         tmp = Path(tmp)
-        f_logits = run_batched(make_session(fp32_path, threads=threads), eval_inputs, 128)
+        n_eval = len(eval_labels)
+        scored = eval_inputs if view_inputs is None else np.concatenate([eval_inputs, view_inputs])
+        f_all = run_batched(make_session(fp32_path, threads=threads), scored, 128)
+        f_logits = f_all[:n_eval]
         fp32_top1 = accuracy(f_logits, eval_labels)["top1"]
+        views = len(scored) // n_eval - 1
+        fp32_view_top1 = (accuracy(f_all[n_eval:], np.tile(eval_labels, views))["top1"] if views else None)
         warning = None
-        if fp32_top1 >= MEMORISED:
+        seen = min(fp32_top1, fp32_view_top1 if views else 1.0)
+        if seen >= MEMORISED:
             # measured: pretrained ResNet-56 scored 100% on its training images, every minmax/percentile
-            # candidate too, yet the kept per-tensor one lost 1.25 points on the test split
-            warning = (f"fp32 scores {100 * fp32_top1:.1f}% on the held-out training images: the model has "
-                       "memorised them, so the drops measured there understate what INT8 costs on new images")
+            # candidate too, yet the kept per-tensor one lost 1.25 points on the test split (67% on its views)
+            where = "the held-out training images" + (" and their unseen views" if views else "")
+            warning = (f"fp32 scores {100 * seen:.1f}% or more on {where}: the model has memorised them, so the "
+                       "drops measured there understate what INT8 costs on new images"
+                       + ("" if views else " (set quantize.search_views)"))
             print(f"[quantize search] warning: {warning}")
         paths: list[Path] = []
 
@@ -166,23 +182,30 @@ def search_int8(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[s
                                  activation_type=c.activation_type, per_channel=c.per_channel,
                                  calibrate_method=c.calibrate_method, threads=threads,
                                  nodes_to_exclude=exclude, calibration_cache=cache)
-            logits = run_batched(make_session(path, threads=threads), eval_inputs, 128)
+            q_all = run_batched(make_session(path, threads=threads), scored, 128)
+            logits = q_all[:n_eval]
             top1 = accuracy(logits, eval_labels)["top1"]
+            score = paired_drop(f_all, q_all, eval_labels)
             row = {"name": c.name, **asdict(c), "top1": top1, "drop_pt": 100 * (fp32_top1 - top1),
-                   "agreement": agreement(logits, f_logits), "bytes": info["bytes"],
-                   "nodes_to_exclude": list(exclude)}
+                   "agreement": agreement(logits, f_logits), "est_drop_pt": score["drop_pt"],
+                   "drop_ucb_pt": score["drop_ucb_pt"], "disagreement": score["disagreement"],
+                   "bytes": info["bytes"], "nodes_to_exclude": list(exclude)}
             rows.append(row)
             paths.append(path)
+            if on_candidate is not None:
+                on_candidate(row, path)
             if progress:
-                print(f"[quantize search] {c.name}: top-1 {100 * top1:.2f}% (fp32 {100 * fp32_top1:.2f}%)")
+                print(f"[quantize search] {c.name}: top-1 {100 * top1:.2f}% (fp32 {100 * fp32_top1:.2f}%), "
+                      f"drop {score['drop_pt']:+.2f} pts, bound {score['drop_ucb_pt']:+.2f} over {views} view(s) + "
+                      f"the image")
             return row
 
         # sizes above the pool fit to the same one: each distinct candidate is built, scored and timed once
         for c in dict.fromkeys(fit(c) for c in candidates):
             build(c)
         sqnr: list[dict[str, Any]] = []
-        base = max((r for r in rows if r["per_channel"] and not r["float_activations"]), key=lambda r: r["top1"],
-                   default=None)
+        base = min((r for r in rows if r["per_channel"] and not r["float_activations"]),
+                   key=lambda r: r["drop_ucb_pt"], default=None)
         if base is not None and any(k > 0 for k in float_activations):
             from onnxruntime.quantization import quant_pre_process
 
@@ -199,15 +222,19 @@ def search_int8(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[s
                                      batch_sizes=batch_sizes, runs=runs, rounds=rounds, threads=threads,
                                      warmup=3, progress=progress)
         p50 = [{bs: t["latency_ms"][bs]["p50"] for bs in t["latency_ms"]} for t in timed]
-        for row, lat in zip(rows, p50[1:]):
+        for row, lat, t in zip(rows, p50[1:], timed[1:]):
             row["latency_ms"] = lat
             row["latency_ratio"] = float(np.mean([lat[bs] / p50[0][bs] for bs in lat]))
-        chosen = pick(rows, max_drop)
-        written = chosen if chosen is not None else max(range(len(rows)), key=lambda i: rows[i]["top1"])
+            row["latency_ratio_rounds"] = round_ratios(t["latency_ms"], timed[0]["latency_ms"])
+            # the middle half of the rounds: one preempted round must not make a candidate tie with everything
+            row["latency_ratio_range"] = [float(v) for v in np.percentile(row["latency_ratio_rounds"], [25, 75])]
+        chosen = pick(rows, max_drop, score="drop_ucb_pt")
+        written = chosen if chosen is not None else min(range(len(rows)), key=lambda i: rows[i]["drop_ucb_pt"])
         with atomic_path(out_path) as dst:
             shutil.copyfile(paths[written], dst)
     return {
         "max_drop_pt": float(max_drop), "eval_samples": int(len(eval_labels)), "fp32_top1": fp32_top1,
+        "views": views, "fp32_view_top1": fp32_view_top1, "score": "drop_ucb_pt",
         "fp32_latency_ms": p50[0], "threads": int(threads), "runs": int(runs), "rounds": int(rounds),
         "rows": rows, "worst_sqnr": sqnr, "warning": warning,
         "chosen": rows[written]["name"], "within_budget": chosen is not None,
@@ -217,19 +244,22 @@ def search_int8(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[s
 
 def search_from_config(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *, images: np.ndarray,
                        labels: np.ndarray, q: Any, mean: Sequence[float], std: Sequence[float], input_size: int,
-                       seed: int, threads: int, batch_sizes: Sequence[int]) -> dict[str, Any]:
+                       seed: int, threads: int, batch_sizes: Sequence[int],
+                       on_candidate: Callable[[dict[str, Any], Path], None] | None = None) -> dict[str, Any]:
     """:func:`search_int8` with the ``quantize.*`` settings of a config (``q``, a ``QuantizeConfig``) on
     uint8 NHWC *training* ``images``: what the pipeline's quantize stage and ``quantize --search`` run."""
     from ..data import preprocess
 
     calib_idx, eval_idx = held_out_split(labels, max(q.search_calib_samples), q.search_samples, seed)
     prep = {"mean": mean, "std": std, "input_size": input_size}
-    print(f"[quantize search] {len(eval_idx)} held-out training images score, {len(calib_idx)} calibrate; "
-          f"budget {q.max_drop} top-1 points")
+    print(f"[quantize search] {len(eval_idx)} held-out training images score (each also as {q.search_views} "
+          f"unseen views), {len(calib_idx)} calibrate; budget {q.max_drop} top-1 points")
+    views = unseen_views(images[eval_idx], q.search_views, seed) if q.search_views else None
     return search_int8(fp32_path, out_path, calib_pool=preprocess(images[calib_idx], **prep),
                        eval_inputs=preprocess(images[eval_idx], **prep), eval_labels=labels[eval_idx],
+                       view_inputs=None if views is None else preprocess(views, **prep),
                        candidates=candidate_grid(q.search_methods, q.search_calib_samples,
                                                  q.search_activation_types),
                        float_activations=q.search_float_activations, max_drop=q.max_drop, threads=threads,
                        batch_sizes=batch_sizes, runs=q.search_runs, calib_batch_size=q.calib_batch_size,
-                       input_size=input_size)
+                       input_size=input_size, on_candidate=on_candidate)
