@@ -205,6 +205,11 @@ def test_pipeline_search_and_qat_end_to_end(tmp_path):
     assert names[:3] == ["pc-minmax-32-u8", "pt-minmax-32-u8", "pc-minmax-32-u8-float1"]
     assert names[3].startswith("qat-kd-1ep") and search["chosen"] in names and search["eval_samples"] == 64
     assert all(r["latency_ratio"] > 0 and 0 <= r["top1"] <= 1 for r in search["rows"])
+    # the QAT file is scored and kept by the search's own rule: bound over images + views, latency ranges
+    assert all({"drop_ucb_pt", "est_drop_pt", "latency_ratio_range"} <= set(r) for r in search["rows"])
+    kept = next(r for r in search["rows"] if r["name"] == search["chosen"])
+    if search["within_budget"]:
+        assert kept["drop_ucb_pt"] <= search["max_drop_pt"]
     ops = {n.op_type for n in onnx.load(str(run / "quantize" / "qat" / "student.qat.int8.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
     md = (run / "report.md").read_text()

@@ -19,7 +19,8 @@ from ..data import DataSource, Split, preprocess
 from ..deploy.evaluate import accuracy, make_session, run_batched
 from ..deploy.latency import measure_latency_many
 from ..deploy.quantize import calibration_inputs, quantize_int8
-from ..deploy.quantize_search import held_out_split, pick, search_from_config
+from ..deploy.quantize_score import paired_drop, pick, round_ratios, unseen_views
+from ..deploy.quantize_search import held_out_split, search_from_config
 from ._base import RunContext, Stage, StageResult
 
 
@@ -128,27 +129,40 @@ class QuantizeStage(Stage):
                    settings={**chosen, "per_channel": q.qat.per_channel}, input_size=d.input_size,
                    qat={"epochs": q.qat.epochs, "lr": q.qat.lr, "loss": used, "per_channel": q.qat.per_channel},
                    opset=cfg.export.opset, calib_batch_size=q.calib_batch_size, threads=self._threads(ctx))
-        x = preprocess(held_out.images, **prep)
-        top1 = accuracy(run_batched(make_session(qat_path, threads=self._threads(ctx)), x, 128), held_out.labels)["top1"]
+        # scored as the search scored its candidates: the held-out images and their unseen views, 95% bound
+        views = unseen_views(held_out.images, q.search_views, cfg.seed) if q.search_views else held_out.images[:0]
+        x = preprocess(np.concatenate([held_out.images, views]), **prep)
+        n, threads = len(held_out.labels), self._threads(ctx)
+        f_all, q_all = (run_batched(make_session(p, threads=threads), x, 128)
+                        for p in (ctx.output("export", "student"), qat_path))
+        top1 = accuracy(q_all[:n], held_out.labels)["top1"]
+        score = paired_drop(f_all, q_all, held_out.labels)
         timed = measure_latency_many([ctx.output("export", "student"), out, qat_path], input_sizes=[d.input_size] * 3,
                                      batch_sizes=ctx.cfg.validate.batch_sizes, runs=q.search_runs, rounds=6,
-                                     threads=self._threads(ctx))
+                                     threads=threads)
         p50 = [{bs: t["latency_ms"][bs]["p50"] for bs in t["latency_ms"]} for t in timed]
+        rounds = [round_ratios(t["latency_ms"], timed[0]["latency_ms"]) for t in timed[1:]]  # PTQ choice, QAT
         epochs = _io.read_jsonl(stage_dir / "qat" / "metrics.jsonl")
         name = f"qat-{used}-{q.qat.epochs}ep" + ("" if q.qat.per_channel else "-pt")
         row = {"name": name, "qat_epochs": q.qat.epochs, "loss": used, "per_channel": q.qat.per_channel,
                "calibrate_method": chosen["calibrate_method"], "calib_samples": chosen["calib_samples"],
-               "top1": top1, "drop_pt": 100 * (info["fp32_top1"] - top1), "latency_ms": p50[2],
+               "top1": top1, "drop_pt": 100 * (info["fp32_top1"] - top1), "est_drop_pt": score["drop_pt"],
+               "drop_ucb_pt": score["drop_ucb_pt"], "disagreement": score["disagreement"], "latency_ms": p50[2],
                "latency_ratio": float(np.mean([p50[2][bs] / p50[0][bs] for bs in p50[0]])),
+               "latency_ratio_rounds": rounds[1],
+               "latency_ratio_range": [float(v) for v in np.percentile(rounds[1], [25, 75])],
                # the searched choice, timed again in this run: the ratio QAT vs PTQ that is fair
                "ptq_choice_latency_ratio": float(np.mean([p50[1][bs] / p50[0][bs] for bs in p50[0]])),
                # the fine-tune's cost over all the calls that trained it (a reused one costs nothing now)
                "train_seconds": round(sum(e["epoch_seconds"] for e in epochs), 1),
                "resumed_from_epoch": result.resumed_from_epoch, "bytes": qat_path.stat().st_size}
-        print(f"[quantize] {name}: top-1 {100 * top1:.2f}% (fp32 {100 * info['fp32_top1']:.2f}%), "
+        print(f"[quantize] {name}: top-1 {100 * top1:.2f}% (fp32 {100 * info['fp32_top1']:.2f}%), drop bound "
+              f"{row['drop_ucb_pt']:+.2f} pts (choice {chosen['drop_ucb_pt']:+.2f}), "
               f"{row['latency_ratio']:.2f}x fp32 time ({chosen['name']}: {row['ptq_choice_latency_ratio']:.2f}x)")
-        best = pick([{**chosen, "latency_ratio": row["ptq_choice_latency_ratio"]}, row], q.max_drop)
-        if best == 1 or (best is None and top1 > chosen["top1"]):
+        ptq = {**chosen, "latency_ratio": row["ptq_choice_latency_ratio"],
+               "latency_ratio_range": [float(v) for v in np.percentile(rounds[0], [25, 75])]}
+        best = pick([ptq, row], q.max_drop, score="drop_ucb_pt")  # the search's rule: bound, then ties
+        if best == 1 or (best is None and row["drop_ucb_pt"] < chosen["drop_ucb_pt"]):
             with _io.atomic_path(out) as dst:
                 shutil.copyfile(qat_path, dst)
             info.update(chosen=name, within_budget=best is not None)
