@@ -178,7 +178,8 @@ class QuantizeConfig:
         "the lowest SQNR (onnxruntime qdq_loss_debug) in float", ge=1)
     search_views: int = doc(4, "seeded TrivialAugmentWide views of each held-out image scored with it, so a "
                             "model that memorised its training images still shows what INT8 costs on new ones; "
-                            "a candidate fits when the 95% upper bound of its drop is within max_drop", ge=0)
+                            "a candidate fits when the 95% upper bound of its drop is within max_drop (at most 32: the "
+                            "views are held in memory, preprocessed)", ge=0, le=32)
     search_runs: int = doc(60, "timed runs per candidate and batch size (validate.batch_sizes, interleaved in 6 "
                            "rounds, threads: validate.threads or threads)", ge=1)
     qat: QATConfig = doc(QATConfig(), "quantization-aware distillation (fallback of the search)")

@@ -11,8 +11,9 @@ moved there; torch 2.14 no longer ships it):
    symmetric weights, per channel (or per tensor, ``quantize.qat.per_channel: false``), i.e. the U8S8
    scheme of :mod:`~distill2deploy.deploy.quantize` that onnxruntime's x86 kernels run. Conv+BN pairs
    stay separate: the quantizer simulates the fold (the weight scaled by ``gamma / sqrt(running_var)``
-   is fake-quantized, BN statistics still update) and the graph's parameters and BN buffers *are* the
-   eager student's, same tensors and names;
+   is fake-quantized, BN statistics still update) and the graph's parameters and BN buffers are the
+   eager student's, same tensors and names (copied back by name after training,
+   :func:`sync_tuned_student`, since a device move replaces buffers);
 3. train with the project's trainer (same method, loaders, checkpoints, resume, progress, metrics);
 4. :func:`requantize`: the eager student, now holding the tuned weights, is exported fp32 by the
    project's exporter and quantized by :func:`~distill2deploy.deploy.quantize.quantize_int8` with the
@@ -73,7 +74,8 @@ def prepare_qat(student: nn.Module, input_size: int, in_chans: int = 3, *, per_c
                 ) -> torch.fx.GraphModule:
     """The student as an exported graph with fake quantization inserted (trainable, ``.train()``/``.eval()``
     work). The caller's module is exported as it is: the graph's parameters and BN buffers are the
-    module's own tensors (same names), so training the graph tunes ``student`` in place."""
+    module's own tensors (same names); after training, :func:`sync_tuned_student` makes ``student`` the
+    tuned one even when the graph was moved to another device."""
     pt2e, quantize_pt2e, x86 = _torchao()
     student = student.cpu().train()
     batch = torch.export.Dim("batch", min=1)  # as export_onnx exports it
@@ -112,6 +114,22 @@ def qat_method(method_cls: type, options: Any, student: nn.Module, prepared: nn.
         return method_cls(prepared, teachers, options, **kw), method_cls.name
     kd = get_method("kd")
     return kd(prepared, teachers[:1], kd.parse_options({}), **kw), "kd"
+
+
+def sync_tuned_student(student: nn.Module, prepared: nn.Module) -> nn.Module:
+    """Copy the trained graph's parameters and BN buffers back into ``student`` by name (on the CPU).
+
+    :func:`prepare_qat` shares the student's tensors with the graph, but only until something moves the
+    graph: ``Module.to(device)`` keeps Parameter objects yet replaces *buffers* with copies, so after
+    GPU training the eager student would hold the pre-QAT BatchNorm statistics beside the tuned weights.
+    Copying by name makes the student the tuned one wherever it trained."""
+    own = student.state_dict()
+    tuned = {k: v.detach().cpu() for k, v in prepared.state_dict().items() if k in own}
+    missing = sorted(set(own) - set(tuned))
+    if missing:  # a torchao/torch.export change that renames the graph's tensors must not ship stale ones
+        raise RuntimeError(f"the QAT graph lacks the student's tensors {missing[:5]} (of {len(missing)})")
+    student.load_state_dict(tuned)
+    return student.cpu()
 
 
 def requantize(student: nn.Module, out_path: Path, *, fp32_path: Path, calib: np.ndarray, settings: dict[str, Any],

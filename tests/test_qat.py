@@ -78,6 +78,27 @@ def test_requantized_qat_student_is_the_post_training_graph(exported, tmp_path, 
     assert info["calib_agreement"] > 0.5
 
 
+@pytest.mark.slow
+def test_the_tuned_student_is_copied_back_after_the_graph_moved():
+    """``Module.to(device)`` replaces buffers with copies (Parameters keep their identity): after the
+    trainer moves the prepared graph to a GPU, the eager student no longer shares its BN statistics.
+    A dtype move goes through the same ``_apply`` and stands in for the device here."""
+    pytest.importorskip("torchao")
+    import torch
+
+    from distill2deploy.qat import prepare_qat, sync_tuned_student
+
+    student = _tiny_model()
+    prepared = prepare_qat(student, SIZE).to(torch.float64)
+    stats = {k: v for k, v in prepared.state_dict().items() if k.endswith("running_mean")}
+    assert stats
+    for v in stats.values():
+        v.fill_(0.5)  # what training on the device did to the statistics
+    assert not any(torch.equal(student.state_dict()[k], v.float()) for k, v in stats.items())  # stale
+    sync_tuned_student(student, prepared)
+    assert all(torch.equal(student.state_dict()[k].double(), v.cpu()) for k, v in stats.items())
+
+
 def _args(run_dir: Path, *extra: str) -> list[str]:
     from .test_pipeline import quick_args
 

@@ -83,9 +83,8 @@ def round_ratios(candidate: dict[str, Any], fp32: dict[str, Any]) -> list[float]
 def pick(rows: Sequence[dict[str, Any]], max_drop: float, score: str = "drop_pt") -> int | None:
     """Index of the row to keep: among rows whose ``score`` is within ``max_drop``, the fastest (lowest
     ``latency_ratio``) and every row tied with it, then the lowest ``score`` among those (then the
-    lowest ratio). The search decides on ``drop_ucb_pt``; rows scored only on the plain held-out
-    slice (a quantization-aware distilled student) carry ``drop_pt``. A row is tied when the range of
-    its per-round ratios (``latency_ratio_range``, [low, high]; the search uses their interquartile
+    lowest ratio). The search, and the quantize stage for its QAT row, decide on ``drop_ucb_pt``. A
+    row is tied when the range of its per-round ratios (``latency_ratio_range``, [low, high]; the search uses their interquartile
     range) overlaps the fastest row's range; rows without ranges tie only on equal ratios. ``None``
     when no row fits."""
     fits = [i for i, r in enumerate(rows) if r[score] <= max_drop]

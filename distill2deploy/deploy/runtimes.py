@@ -174,7 +174,8 @@ class OpenVinoSession:
 
     def property(self, key: str) -> Any:
         """A property of the compiled model as OpenVINO applied it (e.g. ``INFERENCE_PRECISION_HINT``)."""
-        return next(iter(self._compiled.values()))[0].get_property(key)
+        with self._lock:  # run() may be adding a compilation from another thread
+            return next(iter(self._compiled.values()))[0].get_property(key)
 
     def run(self, batch: np.ndarray, output_name: str | None = None) -> np.ndarray:
         i = self._names.index(output_name) if output_name else 0

@@ -93,7 +93,7 @@ class QuantizeStage(Stage):
         within budget (or the only one closer to it)."""
         from ..methods import get_method
         from ..models.builders import build_student, build_teacher
-        from ..qat import prepare_qat, qat_method, requantize
+        from ..qat import prepare_qat, qat_method, requantize, sync_tuned_student
         from ..training.loop import TrainOptions, train
 
         cfg, q, d = ctx.cfg, ctx.cfg.quantize, ctx.cfg.data
@@ -119,7 +119,8 @@ class QuantizeStage(Stage):
         result = train(ctx.accelerator, method, source, data_cfg=d, schedule=q.qat, seed=cfg.seed,
                        out_dir=stage_dir / "qat", key=self._qat_key(ctx), desc=f"qat:{used}",
                        options=TrainOptions(), section="quantize.qat")
-        # the prepared graph trained the student's own tensors: keep them, and quantize them as the choice was
+        # the tuned weights and BN statistics, wherever the graph trained; kept, and quantized as the choice was
+        sync_tuned_student(student, prepared)
         _io.save_torch(student.state_dict(), stage_dir / "qat" / "student.pt")
         chosen = next(r for r in info["rows"] if r["name"] == info["chosen"])
         prep = {"mean": d.mean, "std": d.std, "input_size": d.input_size}
