@@ -72,12 +72,19 @@ def paired_drop(fp32_logits: np.ndarray, int8_logits: np.ndarray, labels: np.nda
             "disagreement": float(np.mean(f != q))}
 
 
-def round_ratios(candidate: dict[str, Any], fp32: dict[str, Any]) -> list[float]:
-    """Per timed round, the candidate's p50 over fp32's p50 of the *same* round, averaged over batch
-    sizes (``latency_ms`` entries of :func:`~distill2deploy.deploy.latency.measure_latency_many`): the
-    rounds are interleaved, so a load change within a round hits both."""
+def latency_fields(candidate: dict[str, Any], fp32: dict[str, Any]) -> dict[str, Any]:
+    """A row's latency against fp32 from two ``latency_ms`` results of one interleaved
+    :func:`~distill2deploy.deploy.latency.measure_latency_many` call: ``latency_ms`` (p50 per batch
+    size), ``latency_ratio`` (p50 over fp32's, mean over batch sizes), ``latency_ratio_rounds`` (per
+    round, the candidate's p50 over fp32's of the *same* round: a load change within a round hits
+    both) and ``latency_ratio_range``, the middle half of those rounds, which :func:`pick` compares
+    (one preempted round must not make a candidate tie with everything)."""
     per_bs = [np.asarray(candidate[bs]["round_p50"]) / np.asarray(fp32[bs]["round_p50"]) for bs in fp32]
-    return [float(r) for r in np.mean(per_bs, axis=0)]
+    rounds = [float(r) for r in np.mean(per_bs, axis=0)]
+    return {"latency_ms": {bs: candidate[bs]["p50"] for bs in candidate},
+            "latency_ratio": float(np.mean([candidate[bs]["p50"] / fp32[bs]["p50"] for bs in fp32])),
+            "latency_ratio_rounds": rounds,
+            "latency_ratio_range": [float(v) for v in np.percentile(rounds, [25, 75])]}
 
 
 def pick(rows: Sequence[dict[str, Any]], max_drop: float, score: str = "drop_pt") -> int | None:

@@ -41,7 +41,7 @@ from ..errors import UserError
 from .evaluate import accuracy, agreement, make_session, run_batched
 from .latency import measure_latency_many
 from .quantize import quantize_int8
-from .quantize_score import paired_drop, pick, round_ratios, unseen_views
+from .quantize_score import latency_fields, paired_drop, pick, unseen_views
 
 
 #: fp32 top-1 on the held-out training slice from which its drops say little (see search_int8)
@@ -221,13 +221,8 @@ def search_int8(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[s
         timed = measure_latency_many([fp32_path, *paths], input_sizes=[input_size] * (len(paths) + 1),
                                      batch_sizes=batch_sizes, runs=runs, rounds=rounds, threads=threads,
                                      warmup=3, progress=progress)
-        p50 = [{bs: t["latency_ms"][bs]["p50"] for bs in t["latency_ms"]} for t in timed]
-        for row, lat, t in zip(rows, p50[1:], timed[1:]):
-            row["latency_ms"] = lat
-            row["latency_ratio"] = float(np.mean([lat[bs] / p50[0][bs] for bs in lat]))
-            row["latency_ratio_rounds"] = round_ratios(t["latency_ms"], timed[0]["latency_ms"])
-            # the middle half of the rounds: one preempted round must not make a candidate tie with everything
-            row["latency_ratio_range"] = [float(v) for v in np.percentile(row["latency_ratio_rounds"], [25, 75])]
+        for row, t in zip(rows, timed[1:]):
+            row.update(latency_fields(t["latency_ms"], timed[0]["latency_ms"]))
         chosen = pick(rows, max_drop, score="drop_ucb_pt")
         written = chosen if chosen is not None else min(range(len(rows)), key=lambda i: rows[i]["drop_ucb_pt"])
         with atomic_path(out_path) as dst:
@@ -235,7 +230,7 @@ def search_int8(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[s
     return {
         "max_drop_pt": float(max_drop), "eval_samples": int(len(eval_labels)), "fp32_top1": fp32_top1,
         "views": views, "fp32_view_top1": fp32_view_top1, "score": "drop_ucb_pt",
-        "fp32_latency_ms": p50[0], "threads": int(threads), "runs": int(runs), "rounds": int(rounds),
+        "fp32_latency_ms": {bs: v["p50"] for bs, v in timed[0]["latency_ms"].items()}, "threads": int(threads), "runs": int(runs), "rounds": int(rounds),
         "rows": rows, "worst_sqnr": sqnr, "warning": warning,
         "chosen": rows[written]["name"], "within_budget": chosen is not None,
         "settings": timed[0]["settings"],

@@ -19,7 +19,7 @@ from ..data import DataSource, Split, preprocess
 from ..deploy.evaluate import accuracy, make_session, run_batched
 from ..deploy.latency import measure_latency_many
 from ..deploy.quantize import calibration_inputs, quantize_int8
-from ..deploy.quantize_score import paired_drop, pick, round_ratios, unseen_views
+from ..deploy.quantize_score import latency_fields, paired_drop, pick, unseen_views
 from ..deploy.quantize_search import held_out_split, search_from_config
 from ._base import RunContext, Stage, StageResult
 
@@ -141,28 +141,22 @@ class QuantizeStage(Stage):
         timed = measure_latency_many([ctx.output("export", "student"), out, qat_path], input_sizes=[d.input_size] * 3,
                                      batch_sizes=ctx.cfg.validate.batch_sizes, runs=q.search_runs, rounds=6,
                                      threads=threads)
-        p50 = [{bs: t["latency_ms"][bs]["p50"] for bs in t["latency_ms"]} for t in timed]
-        rounds = [round_ratios(t["latency_ms"], timed[0]["latency_ms"]) for t in timed[1:]]  # PTQ choice, QAT
+        ptq_timing, qat_timing = (latency_fields(t["latency_ms"], timed[0]["latency_ms"]) for t in timed[1:])
         epochs = _io.read_jsonl(stage_dir / "qat" / "metrics.jsonl")
         name = f"qat-{used}-{q.qat.epochs}ep" + ("" if q.qat.per_channel else "-pt")
         row = {"name": name, "qat_epochs": q.qat.epochs, "loss": used, "per_channel": q.qat.per_channel,
                "calibrate_method": chosen["calibrate_method"], "calib_samples": chosen["calib_samples"],
                "top1": top1, "drop_pt": 100 * (info["fp32_top1"] - top1), "est_drop_pt": score["drop_pt"],
-               "drop_ucb_pt": score["drop_ucb_pt"], "disagreement": score["disagreement"], "latency_ms": p50[2],
-               "latency_ratio": float(np.mean([p50[2][bs] / p50[0][bs] for bs in p50[0]])),
-               "latency_ratio_rounds": rounds[1],
-               "latency_ratio_range": [float(v) for v in np.percentile(rounds[1], [25, 75])],
+               "drop_ucb_pt": score["drop_ucb_pt"], "disagreement": score["disagreement"], **qat_timing,
                # the searched choice, timed again in this run: the ratio QAT vs PTQ that is fair
-               "ptq_choice_latency_ratio": float(np.mean([p50[1][bs] / p50[0][bs] for bs in p50[0]])),
+               "ptq_choice_latency_ratio": ptq_timing["latency_ratio"],
                # the fine-tune's cost over all the calls that trained it (a reused one costs nothing now)
                "train_seconds": round(sum(e["epoch_seconds"] for e in epochs), 1),
                "resumed_from_epoch": result.resumed_from_epoch, "bytes": qat_path.stat().st_size}
         print(f"[quantize] {name}: top-1 {100 * top1:.2f}% (fp32 {100 * info['fp32_top1']:.2f}%), drop bound "
               f"{row['drop_ucb_pt']:+.2f} pts (choice {chosen['drop_ucb_pt']:+.2f}), "
               f"{row['latency_ratio']:.2f}x fp32 time ({chosen['name']}: {row['ptq_choice_latency_ratio']:.2f}x)")
-        ptq = {**chosen, "latency_ratio": row["ptq_choice_latency_ratio"],
-               "latency_ratio_range": [float(v) for v in np.percentile(rounds[0], [25, 75])]}
-        best = pick([ptq, row], q.max_drop, score="drop_ucb_pt")  # the search's rule: bound, then ties
+        best = pick([{**chosen, **ptq_timing}, row], q.max_drop, score="drop_ucb_pt")  # the search's rule: bound, then ties
         if best == 1 or (best is None and row["drop_ucb_pt"] < chosen["drop_ucb_pt"]):
             with _io.atomic_path(out) as dst:
                 shutil.copyfile(qat_path, dst)
